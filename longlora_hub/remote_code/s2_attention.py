@@ -1,0 +1,545 @@
+"""Shifted sparse attention (S²-Attn) from LongLoRA (arXiv 2309.12307), for training only.
+
+The N tokens of a sequence are split into groups of G tokens and attention is causal *within* a group.
+The first half of the heads uses the groups [0, G), [G, 2G), ...; the second half uses groups shifted by
+G/2 so that information flows between neighbouring groups. Two shift semantics exist:
+
+- ``"segments"`` (default): the shifted heads use [0, G/2), [G/2, 3G/2), ..., ending with the remainder.
+  Nothing wraps around, so no token attends to a later one (leak-free).
+- ``"roll"``: the paper's pseudo-code, which rolls the shifted heads by -G/2, attends per group and rolls
+  back. The roll is cyclic: the last shifted group holds [N-G/2, N) followed by [0, G/2), so the first
+  G/2 tokens see the end of the row. Kept only to reproduce the paper.
+
+Groups are laid out on each token's position *in its own sequence*: padded tokens do not count, and a
+packed row (several documents, marked by ``position_ids`` that restart) is split into documents first.
+So every row of a padded batch, and every document of a packed row, gets exactly the result it would get
+alone with the same G.
+
+Nothing here is Llama-specific: :func:`s2_attention_forward` has the transformers attention-function
+signature and is registered in ``AttentionInterface`` as ``s2_eager``, ``s2_sdpa``, ``s2_flex_attention``
+and ``s2_flash_attention_2`` so that any model using ``ALL_ATTENTION_FUNCTIONS`` (Mistral, Qwen2, ...)
+can train with it through ``attn_implementation``. It reads its settings from ``module.config``
+(``s2_group_size``, ``s2_group_size_ratio``, ``s2_shift``, ``s2_attention``) with the paper's defaults.
+
+This file is shipped as remote code: it imports only the standard library, torch and transformers.
+No N x N mask is ever built here: masks are at most (N / G + 1) x G x G.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+from transformers import AttentionInterface, AttentionMaskInterface
+
+S2_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
+
+
+def s2_group_size(seq_len: int, group_size: int | None = None, ratio: float = 0.25) -> int:
+    """The group size G for a row of `seq_len` tokens: `group_size` if given, else `ratio * seq_len`, rounded
+    down to an even number (the shift is G/2) and at least 2."""
+    size = group_size if group_size is not None else int(seq_len * ratio)
+    return max(2, size - size % 2)
+
+
+@dataclass
+class S2Layout:
+    """Where each token sits for S²-Attn. Built once per forward and shared by every layer.
+
+    Attributes:
+        group_size (`int`): G.
+        shift (`str`): `"segments"` or `"roll"`.
+        regular (`bool`): every row is one unpadded sequence, so groups are plain reshapes of the row.
+        valid (`torch.BoolTensor` of shape `(B, N)`): real (non-padding) tokens.
+        doc (`torch.LongTensor` of shape `(B, N)`): index of the document a token belongs to in its row.
+        local (`torch.LongTensor` of shape `(B, N)`): position of a token in its own document, counting real
+            tokens only. Groups are `local // G` (unshifted heads) and `(local + G/2) // G` (shifted heads).
+    """
+
+    group_size: int
+    shift: str
+    regular: bool
+    valid: torch.Tensor
+    doc: torch.Tensor
+    local: torch.Tensor
+    _derived: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.valid.shape[1]
+
+    def cached(self, key: str, build: Callable):
+        """Backend-specific structures (bins, block masks) are derived once and reused by every layer."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
+
+
+def build_s2_layout(
+    seq_len: int,
+    batch_size: int,
+    group_size: int,
+    shift: str = "segments",
+    padding_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> S2Layout:
+    """Lay out a batch for S²-Attn.
+
+    Args:
+        seq_len (`int`): N, the padded row length.
+        batch_size (`int`): B.
+        group_size (`int`): G (even, >= 2); see [`s2_group_size`].
+        shift (`str`, *optional*, defaults to `"segments"`): `"segments"` or `"roll"`.
+        padding_mask (`torch.Tensor` of shape `(B, N)`, *optional*): 1/True for real tokens, 0/False for padding.
+        position_ids (`torch.LongTensor` of shape `(B, N)` or `(1, N)`, *optional*): a new document starts
+            wherever the position does not follow the previous one by exactly 1 (TRL packing/padding-free).
+    """
+    if shift not in ("segments", "roll"):
+        raise ValueError(f"s2_shift must be 'segments' or 'roll', got {shift!r}.")
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"The S² group size must be an even number >= 2, got {group_size}.")
+    if device is None:
+        device = next((t.device for t in (padding_mask, position_ids) if t is not None), "cpu")
+    shape = (batch_size, seq_len)
+
+    valid = None
+    if padding_mask is not None:
+        valid = padding_mask[:, -seq_len:].to(device=device, dtype=torch.bool)
+        if bool(valid.all()):
+            valid = None
+    starts = None
+    if position_ids is not None:
+        pos = position_ids.to(device).expand(batch_size, -1)
+        # (B, N): True where a document starts (the first token, and every restart of the positions)
+        starts = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1) != 1
+        if not bool(starts[:, 1:].any()):
+            starts = None
+
+    if valid is None and starts is None:
+        local = torch.arange(seq_len, device=device).expand(shape)
+        return S2Layout(
+            group_size,
+            shift,
+            True,
+            torch.ones(shape, dtype=torch.bool, device=device),
+            torch.zeros(shape, dtype=torch.long, device=device),
+            local,
+        )
+    if shift == "roll":
+        raise ValueError(
+            "s2_shift='roll' reproduces the paper's pseudo-code, which is only defined for unpadded, unpacked "
+            "rows: its cyclic roll would mix padding and documents. Use s2_shift='segments' (the default) for "
+            "padded or packed batches."
+        )
+    if valid is None:
+        valid = torch.ones(shape, dtype=torch.bool, device=device)
+    if starts is None:
+        starts = torch.zeros(shape, dtype=torch.bool, device=device)
+        starts[:, 0] = True
+    doc = starts.long().cumsum(-1) - 1  # (B, N)
+    before = valid.long().cumsum(-1) - valid.long()  # (B, N) real tokens strictly before each token
+    # real tokens before the start of each token's document; cummax carries it forward (it only grows)
+    base = torch.where(starts, before, torch.zeros_like(before)).cummax(-1).values
+    local = torch.where(valid, before - base, torch.zeros_like(before))  # (B, N)
+    return S2Layout(group_size, shift, False, valid, doc, local)
+
+
+def s2_layout_for(module: torch.nn.Module, query: torch.Tensor, attention_mask, kwargs: dict) -> S2Layout:
+    """Build the layout inside an attention call, for models that do not pass a precomputed `s2_layout`."""
+    config = module.config
+    batch, _, seq_len, _ = query.shape
+    group = s2_group_size(
+        seq_len, getattr(config, "s2_group_size", None), getattr(config, "s2_group_size_ratio", 0.25)
+    )
+    return build_s2_layout(
+        seq_len,
+        batch,
+        group,
+        getattr(config, "s2_shift", "segments"),
+        padding_mask=_padding_from_mask(attention_mask, seq_len),
+        position_ids=kwargs.get("position_ids"),
+        device=query.device,
+    )
+
+
+def _padding_from_mask(attention_mask, seq_len: int) -> torch.Tensor | None:
+    """The (B, N) key-padding mask behind whatever mask transformers built for the base backend."""
+    if attention_mask is None or not isinstance(attention_mask, torch.Tensor):
+        return None
+    if attention_mask.ndim == 2:  # flash-attention masks are the 2D padding mask itself
+        return attention_mask[:, -seq_len:].bool()
+    if attention_mask.ndim == 4 and attention_mask.shape[-2] == 1:  # (B, 1, 1, N) key-padding mask
+        mask = attention_mask[:, 0, 0, -seq_len:]
+        return mask if mask.dtype == torch.bool else mask == 0
+    if attention_mask.ndim == 4:  # (B, 1, N, N) causal mask: a real token always attends to itself
+        diag = attention_mask[:, 0, -seq_len:, -seq_len:].diagonal(dim1=-2, dim2=-1)
+        return diag if diag.dtype == torch.bool else diag == 0
+    raise ValueError(f"S²-Attn cannot read an attention mask of shape {tuple(attention_mask.shape)}.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dense kernels for one batch of groups
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float,
+    backend: str,
+) -> torch.Tensor:
+    """Causal attention over groups. q: (b, Hq, L, D), k/v: (b, Hk, L, D), `mask`: (b, 1, L, L) bool or None
+    for plain causal. Returns (b, Hq, L, D)."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=mask is None,
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+    # eager: the same maths spelled out, fp32 softmax like transformers' eager path
+    n_rep = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(n_rep, dim=1)  # (b, Hq, L, D)
+    value = value.repeat_interleave(n_rep, dim=1)  # (b, Hq, L, D)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (b, Hq, L, L)
+    if mask is None:
+        length = query.shape[-2]
+        mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()  # (L, L)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs, value)  # (b, Hq, L, D)
+
+
+def _grouped_causal(query, key, value, group: int, attend: Callable) -> torch.Tensor:
+    """Causal attention inside consecutive groups of `group` tokens; the last group may be shorter.
+    q: (B, Hq, N, D), k/v: (B, Hk, N, D). Returns (B, Hq, N, D)."""
+    batch, _, seq_len, dim = query.shape
+    if seq_len <= group:
+        return attend(query, key, value, None)
+    n_full = seq_len // group
+    full = n_full * group
+
+    def to_groups(x):  # (B, H, full, D) -> (B * n_full, H, G, D)
+        heads = x.shape[1]
+        x = x[:, :, :full].reshape(batch, heads, n_full, group, dim)  # (B, H, n, G, D)
+        return x.transpose(1, 2).reshape(batch * n_full, heads, group, dim)  # (B*n, H, G, D)
+
+    out = attend(to_groups(query), to_groups(key), to_groups(value), None)  # (B*n, Hq, G, D)
+    heads = out.shape[1]
+    out = out.reshape(batch, n_full, heads, group, dim).transpose(1, 2)  # (B, Hq, n, G, D)
+    out = out.reshape(batch, heads, full, dim)  # (B, Hq, full, D)
+    if full == seq_len:
+        return out
+    tail = attend(query[:, :, full:], key[:, :, full:], value[:, :, full:], None)  # (B, Hq, N-full, D)
+    return torch.cat([out, tail], dim=2)
+
+
+def _regular_half(query, key, value, group: int, shifted: bool, shift: str, attend: Callable):
+    """One half of the heads on unpadded, unpacked rows. q: (B, Hq, N, D). Returns (B, Hq, N, D)."""
+    if not shifted:
+        return _grouped_causal(query, key, value, group, attend)
+    half = group // 2
+    if shift == "roll":  # the paper: roll by -G/2, attend per group, roll back by +G/2
+        rolled = [x.roll(-half, dims=2) for x in (query, key, value)]
+        return _grouped_causal(*rolled, group, attend).roll(half, dims=2)
+    # segments: [0, G/2) alone, then groups of G from G/2 on; no data moves, nothing wraps
+    head = attend(query[:, :, :half], key[:, :, :half], value[:, :, :half], None)  # (B, Hq, G/2, D)
+    if query.shape[2] <= half:
+        return head
+    rest = _grouped_causal(query[:, :, half:], key[:, :, half:], value[:, :, half:], group, attend)
+    return torch.cat([head, rest], dim=2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# general layout (padding, packing): segments of the real-token stream, packed into bins of G slots
+
+
+def _segments(layout: S2Layout, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of real tokens that share a row, a document and a group.
+
+    Returns `token_index` (T,) the flat (B*N) index of every real token in order, and `lengths` (S,) the
+    length of each run (each <= G) in the same order."""
+    n = layout.seq_len
+    token_index = layout.valid.reshape(-1).nonzero().squeeze(-1)  # (T,)
+    rows = torch.arange(layout.batch_size, device=token_index.device).repeat_interleave(n)  # (B*N,)
+    group = (layout.local + offset) // layout.group_size  # (B, N)
+    # one integer per (row, document, group); all three are < N + 1
+    key = (rows * (n + 1) + layout.doc.reshape(-1)) * (n + 1) + group.reshape(-1)  # (B*N,)
+    _, lengths = torch.unique_consecutive(key[token_index], return_counts=True)  # (S,)
+    return token_index, lengths
+
+
+def _bins(layout: S2Layout, offset: int):
+    """Pack the runs, in order, into bins of G slots (a run never straddles two bins; at most 2N/G + 1 bins).
+
+    Returns `token_index` (T,), `slot` (T,) the slot of each real token in the (n_bins * G) grid, and
+    `mask` (n_bins, 1, G, G) bool: same run and causal. Empty slots attend to themselves only, so no
+    softmax row is empty; their outputs are never read."""
+    group = layout.group_size
+    token_index, lengths = _segments(layout, offset)
+    length_list = lengths.tolist()
+    bin_of_run, start_of_run, fill, n_bins = [], [], group, 0
+    for length in length_list:  # greedy first-fit in order; runs are few (about N/G + documents)
+        if fill + length > group:
+            n_bins, fill = n_bins + 1, 0
+        bin_of_run.append(n_bins - 1)
+        start_of_run.append(fill)
+        fill += length
+    device = token_index.device
+    run_of_token = torch.repeat_interleave(torch.arange(len(length_list), device=device), lengths)  # (T,)
+    first_token = torch.cumsum(lengths, 0) - lengths  # (S,)
+    rank = torch.arange(token_index.numel(), device=device) - first_token[run_of_token]  # (T,)
+    base = torch.tensor(bin_of_run, device=device) * group + torch.tensor(start_of_run, device=device)
+    slot = base[run_of_token] + rank  # (T,)
+    run_of_slot = torch.full((n_bins * group,), -1, dtype=torch.long, device=device)
+    run_of_slot[slot] = run_of_token
+    run_of_slot = run_of_slot.view(n_bins, group)  # (n_bins, G)
+    causal = torch.ones(group, group, dtype=torch.bool, device=device).tril()  # (G, G)
+    same = run_of_slot[:, :, None] == run_of_slot[:, None, :]  # (n_bins, G, G)
+    empty = (run_of_slot < 0)[:, :, None] & torch.eye(group, dtype=torch.bool, device=device)
+    mask = ((same & causal & (run_of_slot >= 0)[:, :, None]) | empty)[:, None]  # (n_bins, 1, G, G)
+    return token_index, slot, mask
+
+
+def _binned_half(query, key, value, layout: S2Layout, offset: int, attend: Callable):
+    """One half of the heads on a padded or packed batch. q: (B, Hq, N, D). Returns (B, Hq, N, D)."""
+    token_index, slot, mask = layout.cached(f"bins{offset}", partial(_bins, layout, offset))
+    group = layout.group_size
+    n_bins = mask.shape[0]
+
+    def to_bins(x):  # (B, H, N, D) -> (n_bins, H, G, D)
+        batch, heads, seq_len, dim = x.shape
+        flat = x.transpose(1, 2).reshape(batch * seq_len, heads, dim)[token_index]  # (T, H, D)
+        grid = flat.new_zeros(n_bins * group, heads, dim).index_copy(0, slot, flat)  # (n_bins*G, H, D)
+        return grid.view(n_bins, group, heads, dim).transpose(1, 2)  # (n_bins, H, G, D)
+
+    out = attend(to_bins(query), to_bins(key), to_bins(value), mask)  # (n_bins, Hq, G, D)
+    batch, heads, seq_len, dim = query.shape
+    out = out.transpose(1, 2).reshape(n_bins * group, heads, dim)[slot]  # (T, Hq, D)
+    full = out.new_zeros(batch * seq_len, heads, dim).index_copy(0, token_index, out)  # (B*N, Hq, D)
+    return full.view(batch, seq_len, heads, dim).transpose(1, 2)  # (B, Hq, N, D)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flash-attention (varlen over the same runs) and FlexAttention (a head-dependent block mask)
+
+
+def _flash_half(query, key, value, layout: S2Layout, shifted: bool, scaling: float, dropout: float):
+    """q: (B, Hq, N, D). Returns (B, Hq, N, D). GPU only; flash-attn is imported here, never at load time."""
+    from flash_attn import flash_attn_varlen_func
+
+    half = layout.group_size // 2
+    roll = shifted and layout.shift == "roll"
+    if roll:  # the paper's roll on regular rows: the rolled row is then split in plain groups
+        query, key, value = (x.roll(-half, dims=2) for x in (query, key, value))
+    offset = half if shifted and not roll else 0
+    token_index, lengths = layout.cached(f"runs{offset}", partial(_segments, layout, offset))
+    cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))  # (S+1,)
+    max_len = layout.cached(f"max{offset}", lambda: int(lengths.max()))
+    batch, heads, seq_len, dim = query.shape
+
+    def flat(x):  # (B, H, N, D) -> (T, H, D)
+        return x.transpose(1, 2).reshape(batch * seq_len, x.shape[1], dim)[token_index]
+
+    out = flash_attn_varlen_func(
+        flat(query),
+        flat(key),
+        flat(value),
+        cu_seqlens,
+        cu_seqlens,
+        max_len,
+        max_len,
+        dropout_p=dropout,
+        softmax_scale=scaling,
+        causal=True,
+    )  # (T, Hq, D)
+    full = out.new_zeros(batch * seq_len, heads, dim).index_copy(0, token_index, out)  # (B*N, Hq, D)
+    full = full.view(batch, seq_len, heads, dim).transpose(1, 2)  # (B, Hq, N, D)
+    return full.roll(half, dims=2) if roll else full
+
+
+_compiled_flex = None
+
+
+def _flex_block_mask(layout: S2Layout, num_heads: int, split: int):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n, group, half = layout.seq_len, layout.group_size, layout.group_size // 2
+    index = torch.arange(n, device=layout.valid.device).expand(layout.batch_size, n)  # (B, N)
+    if layout.shift == "roll":
+        rolled = (index - half) % n  # where each token sits after the roll by -G/2
+        order = torch.stack([index, rolled])  # (2, B, N): causal order per half
+        groups = torch.stack([index // group, rolled // group])  # (2, B, N)
+    else:
+        order = torch.stack([index, index])  # (2, B, N)
+        groups = torch.stack([layout.local // group, (layout.local + half) // group])  # (2, B, N)
+    valid, doc = layout.valid, layout.doc
+
+    def mask_mod(b, h, q, kv):
+        s = (h >= split).long()  # 0: unshifted head, 1: shifted head
+        allowed = (groups[s, b, q] == groups[s, b, kv]) & (order[s, b, kv] <= order[s, b, q])
+        allowed = allowed & (doc[b, q] == doc[b, kv]) & valid[b, kv] & valid[b, q]
+        return allowed | ((q == kv) & ~valid[b, q])  # padding attends to itself only: no empty rows
+
+    return create_block_mask(
+        mask_mod, layout.batch_size, num_heads, n, n, device=layout.valid.device, _compile=n > 1024
+    )
+
+
+def _flex_attention(query, key, value, layout: S2Layout, split: int, scaling: float):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    heads = query.shape[1]
+    block_mask = layout.cached(f"flex{heads}/{split}", partial(_flex_block_mask, layout, heads, split))
+    out = _compiled_flex(
+        query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )  # (B, Hq, N, D)
+    return out * layout.valid[:, None, :, None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the attention function
+
+
+def _split_heads(query, key, value):
+    """Unshifted heads first, the last Hq // 2 shifted (the paper's `chunk(2)`). Key/value heads follow their
+    query heads; when a key/value head would serve both halves (MQA, odd grouping) it is repeated."""
+    q_heads, kv_heads = query.shape[1], key.shape[1]
+    split = q_heads - q_heads // 2
+    n_rep = q_heads // kv_heads
+    if split % n_rep:
+        key = key.repeat_interleave(n_rep, dim=1)  # (B, Hq, N, D)
+        value = value.repeat_interleave(n_rep, dim=1)
+        n_rep = 1
+    kv_split = split // n_rep
+    return (
+        split,
+        (query[:, :split], key[:, :kv_split], value[:, :kv_split]),
+        (query[:, split:], key[:, kv_split:], value[:, kv_split:]),
+    )
+
+
+def s2_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: S2Layout,
+    scaling: float,
+    dropout: float = 0.0,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """S²-Attn over a batch laid out by [`build_s2_layout`].
+
+    Args:
+        query (`torch.Tensor` of shape `(B, Hq, N, D)`), key, value (`(B, Hk, N, D)`, Hq a multiple of Hk).
+        backend (`str`): one of `S2_BACKENDS`.
+
+    Returns:
+        `torch.Tensor` of shape `(B, N, Hq, D)`; padded positions are zero.
+    """
+    if backend not in S2_BACKENDS:
+        raise ValueError(f"S²-Attn supports the backends {S2_BACKENDS}, got {backend!r}.")
+    if query.shape[1] < 2:
+        raise ValueError("S²-Attn shifts half of the heads: it needs at least 2 attention heads.")
+    if backend == "flex_attention":
+        split = query.shape[1] - query.shape[1] // 2
+        return _flex_attention(query, key, value, layout, split, scaling).transpose(1, 2)
+
+    _, plain, shifted = _split_heads(query, key, value)
+    outputs = []
+    for heads, is_shifted in ((plain, False), (shifted, True)):
+        if backend == "flash_attention_2":
+            out = _flash_half(*heads, layout, is_shifted, scaling, dropout)
+        else:
+            attend = partial(_attend, scaling=scaling, dropout=dropout, backend=backend)
+            if layout.regular:
+                out = _regular_half(*heads, layout.group_size, is_shifted, layout.shift, attend)
+            else:
+                offset = layout.group_size // 2 if is_shifted else 0
+                out = _binned_half(*heads, layout, offset, attend)
+        outputs.append(out)  # (B, Hq/2, N, D)
+    out = torch.cat(outputs, dim=1).transpose(1, 2)  # (B, N, Hq, D)
+    if not layout.regular:
+        out = out * layout.valid[:, :, None, None]
+    return out
+
+
+def s2_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    *,
+    backend: str = "sdpa",
+    s2_layout: S2Layout | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function (see `AttentionInterface`): S²-Attn while `module` is training and
+    there is no KV cache, the plain `backend` otherwise.
+
+    q: (B, Hq, N, D), k/v: (B, Hk, N_kv, D). Returns `(out (B, N, Hq, D), None)`.
+    """
+    config = getattr(module, "config", None)
+    training_s2 = module.training and getattr(config, "s2_attention", True)
+    if s2_layout is None and not (training_s2 and query.shape[2] == key.shape[2]):
+        return _base_attention(module, query, key, value, attention_mask, scaling, dropout, backend, kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if s2_layout is None:
+        s2_layout = s2_layout_for(module, query, attention_mask, kwargs)
+    return s2_attention(query, key, value, s2_layout, scaling, dropout, backend), None
+
+
+def _base_attention(module, query, key, value, attention_mask, scaling, dropout, backend, kwargs):
+    """Standard attention for evaluation and cached decoding under an `s2_*` name."""
+    if backend == "flex_attention" and not isinstance(attention_mask, BlockMask):
+        # `s2_flex_attention` is handed the 2D padding mask (see `_register`): build the causal block mask
+        from transformers.masking_utils import flex_attention_mask
+
+        q_len, kv_len = query.shape[2], key.shape[2]
+        attention_mask = flex_attention_mask(
+            query.shape[0],
+            q_len,
+            kv_len,
+            q_offset=kv_len - q_len,
+            attention_mask=attention_mask,
+            device=query.device,
+        )
+    base = AttentionInterface._global_mapping.get(backend)
+    if base is None:  # eager is not in the registry: each modeling file has its own, all alike
+        from transformers.models.llama.modeling_llama import eager_attention_forward as base
+    return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _register() -> None:
+    """Expose S² for any model: `attn_implementation="s2_sdpa"` (or s2_eager, s2_flex_attention,
+    s2_flash_attention_2). Masks are the base backend's, so evaluation is unchanged; FlexAttention gets the
+    2D padding mask instead of a block mask, since S² needs to know the padding."""
+    masks = AttentionMaskInterface._global_mapping
+    for backend in S2_BACKENDS:
+        AttentionInterface.register(f"s2_{backend}", partial(s2_attention_forward, backend=backend))
+        mask_backend = "flash_attention_2" if backend == "flex_attention" else backend
+        AttentionMaskInterface.register(f"s2_{backend}", masks[mask_backend])
+
+
+_register()
