@@ -155,9 +155,7 @@ def s2_layout_for(module: torch.nn.Module, query: torch.Tensor, attention_mask, 
     """Build the layout inside an attention call, for models that do not pass a precomputed `s2_layout`."""
     config = module.config
     batch, _, seq_len, _ = query.shape
-    group = s2_group_size(
-        seq_len, getattr(config, "s2_group_size", None), getattr(config, "s2_group_size_ratio", 0.25)
-    )
+    group = s2_group_size(seq_len, getattr(config, "s2_group_size", None), getattr(config, "s2_group_size_ratio", 0.25))
     return build_s2_layout(
         seq_len,
         batch,
