@@ -5,8 +5,8 @@ keeps its group size when someone resumes training from the Hub). This file is s
 code: it imports only the standard library, torch and transformers.
 """
 
-from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
+from transformers.configuration_utils import strict  # huggingface_hub's, as every transformers config uses it
 
 S2_SHIFTS = ("segments", "roll")
 AUTO_MAP = {

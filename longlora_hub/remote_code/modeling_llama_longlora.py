@@ -61,8 +61,9 @@ class LlamaLongLoRAModel(LlamaLongLoRAPreTrainedModel, LlamaModel):
         self.post_init()
 
     def s2_active(self, cache=None) -> bool:
-        """S² runs only while training, when enabled, and without a KV cache."""
-        return self.training and self.config.s2_attention and (cache is None or cache.get_seq_length() == 0)
+        """S² runs only while training, when enabled, and when no KV cache is passed (generation always passes
+        one, even for the prefill, so decoding never sees S²)."""
+        return self.training and self.config.s2_attention and cache is None
 
     def forward(
         self,

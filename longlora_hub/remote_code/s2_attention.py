@@ -337,8 +337,11 @@ def _binned_half(query, key, value, layout: S2Layout, offset: int, attend: Calla
 
 
 def _flash_half(query, key, value, layout: S2Layout, shifted: bool, scaling: float, dropout: float):
-    """q: (B, Hq, N, D). Returns (B, Hq, N, D). GPU only; flash-attn is imported here, never at load time."""
-    from flash_attn import flash_attn_varlen_func
+    """q: (B, Hq, N, D). Returns (B, Hq, N, D). GPU only: transformers imports flash-attn here, on first use,
+    never when the model is loaded."""
+    from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
+
+    flash_attn_varlen_func = lazy_import_flash_attention("flash_attention_2")[0][1]
 
     half = layout.group_size // 2
     roll = shifted and layout.shift == "roll"

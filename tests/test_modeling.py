@@ -1,0 +1,190 @@
+"""LlamaLongLoRA against stock Llama (eval) and against the dense S² reference (training), end to end."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from longlora_hub.testing import tiny_llama
+
+from .helpers import LINEAR_PI, assert_same_training_step, longlora_from, pair
+
+BACKENDS = ["sdpa", "eager"]
+
+
+def tokens(batch=2, seq_len=24, seed=0):
+    return torch.randint(3, 384, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_equals_stock_llama(backend):
+    stock, model = pair()
+    model.set_attn_implementation(backend)
+    stock.set_attn_implementation(backend)
+    ids = tokens()
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding: the stock mask path must be used unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, stock(ids).logits, atol=1e-5, rtol=0)
+        got = model(ids, attention_mask=mask).logits
+        want = stock(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_generate_with_cache_equals_stock(training):
+    """S² never applies to cached decoding, even if the module is left in training mode."""
+    stock, model = pair()
+    model.train(training)
+    ids = tokens(1, 12)
+    got = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    want = stock.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
+def test_group_covering_the_row():
+    """G >= 2N: both halves are a single causal group, so training equals full attention; N <= G < 2N: the
+    unshifted half is causal but the shifted half still splits at G/2, so training differs from full attention."""
+    stock, model = pair(s2_group_size=48)
+    ids = tokens(1, 24)
+    model.train()
+    stock.train()
+    torch.testing.assert_close(model(ids).logits, stock(ids).logits, atol=1e-5, rtol=0)
+    model.config.s2_group_size = 32
+    assert not torch.allclose(model(ids).logits, stock(ids).logits, atol=1e-3)
+    model.config.s2_attention = False
+    torch.testing.assert_close(model(ids).logits, stock(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shift", ["segments", "roll"])
+@pytest.mark.parametrize("seq_len", [24, 26], ids=["multiple", "remainder"])
+def test_training_matches_dense_reference(backend, shift, seq_len):
+    stock, model = pair(s2_shift=shift)
+    model.set_attn_implementation(backend)
+    reference = longlora_from(stock, "s2_reference_test", s2_shift=shift, s2_attention=False)
+    assert_same_training_step(model, reference, {"input_ids": tokens(2, seq_len)})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_with_padding_and_packing_matches_reference(backend):
+    stock, model = pair(s2_group_size=6)
+    model.set_attn_implementation(backend)
+    reference = longlora_from(stock, "s2_reference_test", s2_group_size=6, s2_attention=False)
+    ids = tokens(2, 24)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[1, 19:] = 0
+    assert_same_training_step(model, reference, {"input_ids": ids, "attention_mask": mask})
+    packed = torch.tensor([list(range(10)) + list(range(14)), list(range(5)) + list(range(19))])
+    assert_same_training_step(model, reference, {"input_ids": ids, "position_ids": packed})
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_rows_equal_rows_alone(side):
+    _, model = pair(s2_group_size=6)
+    model.train()
+    ids = tokens(2, 24)
+    lengths = [24, 17]
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        if side == "left":
+            mask[row, 24 - n :] = 1
+        else:
+            mask[row, :n] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    batch = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    for row in range(2):
+        real = mask[row].bool()
+        alone = model(ids[row : row + 1, real]).logits[0]
+        torch.testing.assert_close(batch[row, real], alone, atol=1e-5, rtol=0)
+
+
+def test_packed_documents_equal_documents_alone():
+    _, model = pair(s2_group_size=6)
+    model.train()
+    ids = tokens(1, 24)
+    position_ids = torch.tensor([list(range(10)) + list(range(9)) + list(range(5))])
+    packed = model(ids, position_ids=position_ids).logits
+    for start, end in [(0, 10), (10, 19), (19, 24)]:
+        alone = model(ids[:, start:end]).logits
+        torch.testing.assert_close(packed[:, start:end], alone, atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    stock, model = pair()
+    reference = longlora_from(stock)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert_same_training_step(model, reference, {"input_ids": tokens(2, 24)})
+
+
+def test_training_loss_and_labels():
+    _, model = pair()
+    model.train()
+    ids = tokens(2, 24)
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_training_rejects_a_4d_mask():
+    _, model = pair()
+    model.train()
+    with pytest.raises(ValueError, match="2D padding mask"):
+        model(tokens(1, 8), attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
+
+
+def test_s2_works_for_other_architectures_through_attn_implementation():
+    """The S² function knows nothing about Llama: a Qwen2 model trains with attn_implementation="s2_sdpa"."""
+    config = Qwen2Config(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    config.s2_group_size = 6
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    reference = Qwen2ForCausalLM(config)
+    reference.load_state_dict(model.state_dict())
+    model.set_attn_implementation("s2_sdpa")
+    reference.set_attn_implementation("s2_reference_test")
+    ids = tokens(2, 24)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    assert_same_training_step(model, reference, {"input_ids": ids, "attention_mask": mask})
+    # evaluation is plain attention
+    plain = Qwen2ForCausalLM(config).eval()
+    plain.load_state_dict(model.state_dict())
+    plain.set_attn_implementation("sdpa")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_save_and_reload_keeps_everything(tmp_path):
+    stock, model = pair(s2_group_size=8, s2_shift="roll")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert loaded.config.s2_group_size == 8 and loaded.config.s2_shift == "roll"
+    assert loaded.config.rope_parameters["factor"] == 2.0
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, stock(ids).logits, atol=1e-5, rtol=0)
+    # a transformers 4.x reader sees the same scaling through the legacy fields
+    import json
+
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["rope_scaling"] == {"type": "linear", "rope_type": "linear", "factor": 2.0}
+    assert saved["rope_theta"] == LINEAR_PI["rope_theta"]
+    # stock Llama reads the same checkpoint (inference uses standard attention anyway)
+    as_llama = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(as_llama(ids).logits, stock(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_tiny_llama_is_deterministic():
+    assert torch.equal(tiny_llama(3).lm_head.weight, tiny_llama(3).lm_head.weight)
