@@ -1,0 +1,94 @@
+"""The `longlora-hub` command line. Heavy imports (torch, transformers) happen inside the commands so that
+`longlora-hub --help` answers at once."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="longlora-hub", prog_name="longlora-hub")
+def main() -> None:
+    """LongLoRA for the Hugging Face ecosystem: extend Llama checkpoints to long contexts."""
+
+
+@main.command()
+@click.argument("base")
+@click.argument("output", type=click.Path(file_okay=False, path_type=str))
+@click.option(
+    "--context-length",
+    "-n",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Context to extend to, in tokens (e.g. 32768).",
+)
+@click.option(
+    "--group-size-ratio",
+    type=float,
+    default=0.25,
+    show_default=True,
+    help="S²-Attn group size as a fraction of the training sequence length, in (0, 1].",
+)
+@click.option("--group-size", type=int, default=None, help="Absolute, even S²-Attn group size; overrides the ratio.")
+@click.option(
+    "--rope-type",
+    type=click.Choice(["linear", "yarn", "dynamic"]),
+    default="linear",
+    show_default=True,
+    help="RoPE scaling: linear (Position Interpolation, as in LongLoRA), yarn or dynamic (NTK).",
+)
+@click.option("--ceil", is_flag=True, help="Round the RoPE factor up to an integer, like the LongLoRA reference.")
+def convert(
+    base: str,
+    output: str,
+    context_length: int,
+    group_size_ratio: float,
+    group_size: int | None,
+    rope_type: str,
+    ceil: bool,
+) -> None:
+    """Convert the Llama checkpoint BASE (a folder or a Hub id) into a LlamaLongLoRA checkpoint in OUTPUT.
+
+    Only config.json is rewritten (RoPE scaling for the new context, S²-Attn settings, remote code); the weights
+    and tokenizer are copied as they are, never loaded.
+    """
+    import json
+    from pathlib import Path
+
+    from .convert import convert_checkpoint
+    from .remote_code.s2_attention import s2_group_size
+    from .rope import describe, read_rope
+
+    try:
+        folder = convert_checkpoint(
+            base,
+            output,
+            context_length,
+            group_size_ratio=group_size_ratio,
+            group_size=group_size,
+            rope_type=rope_type,
+            ceil=ceil,
+        )
+    except (ValueError, OSError) as error:  # FileNotFoundError / FileExistsError are OSErrors
+        raise click.ClickException(str(error)) from error
+
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    rope = read_rope(config)
+    if config.get("s2_group_size"):
+        groups = f"{config['s2_group_size']} tokens"
+    else:
+        ratio = config["s2_group_size_ratio"]
+        at_context = s2_group_size(context_length, None, ratio)
+        groups = f"{ratio:g} x sequence length ({at_context} tokens at {context_length})"
+    click.echo(f"Converted {base} -> {folder}")
+    click.echo(
+        f"  context:    {context_length} tokens (pretrained at {rope['original_max_position_embeddings']}, "
+        f"max_position_embeddings={config['max_position_embeddings']})"
+    )
+    click.echo(f"  RoPE:       {describe(rope)}")
+    click.echo(f"  S² groups:  {groups}")
+    click.echo(f"Load it with AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).")
+
+
+if __name__ == "__main__":
+    main()

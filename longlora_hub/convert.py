@@ -1,0 +1,272 @@
+"""Turn a Llama checkpoint into a LlamaLongLoRA one extended to a longer context, without loading its weights.
+
+The conversion only rewrites `config.json` (Position Interpolation, S²-Attn settings, `auto_map`) and adds the
+remote-code files; the weights, tokenizer and generation config are copied byte for byte. LlamaLongLoRA has
+exactly the parameters of Llama, so the base's weight files serve unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .rope import EXTENSION_ROPE_TYPES, position_interpolation
+
+if TYPE_CHECKING:
+    from .remote_code.configuration_llama_longlora import LlamaLongLoRAConfig
+
+SUPPORTED_MODEL_TYPES = ("llama", "llama_longlora")
+REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+TOKENIZER_PATTERNS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+OTHER_PATTERNS = ("generation_config.json", "README*", "LICENSE*", "NOTICE*", "USE_POLICY*")
+# `*.bin` also matches the Trainer's pickled arguments, which are not part of a model
+SKIPPED_FILES = ("training_args.bin",)
+# keys that describe the old class or the old RoPE: the new config sets its own
+DROPPED_CONFIG_KEYS = (
+    "architectures",
+    "auto_map",
+    "model_type",
+    "transformers_version",
+    "_name_or_path",
+    "rope_scaling",
+    "rope_theta",
+    "rope_parameters",
+    "original_max_position_embeddings",
+    "max_position_embeddings",
+)
+
+
+def remote_code_files() -> list[Path]:
+    """The files of `longlora_hub/remote_code/` that every converted checkpoint carries (all but `__init__.py`)."""
+    return sorted(path for path in REMOTE_CODE_DIR.glob("*.py") if path.name != "__init__.py")
+
+
+def _check_s2_settings(group_size_ratio: float, group_size: int | None) -> None:
+    if isinstance(group_size_ratio, bool) or not 0.0 < float(group_size_ratio) <= 1.0:
+        raise ValueError(
+            f"The group size ratio must be in (0, 1], got {group_size_ratio}; the paper uses 0.25 (groups of a "
+            "quarter of the sequence)."
+        )
+    if group_size is not None and (
+        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2
+    ):
+        raise ValueError(
+            f"The group size must be an even number of tokens >= 2 (the shifted heads move by half a group), got "
+            f"{group_size!r}; or leave it unset to use the group size ratio."
+        )
+
+
+def _resolve_base(base: str) -> Path:
+    """A local folder as is; anything else that is a valid Hub repo id is downloaded (config, weights, tokenizer)."""
+    local = Path(base).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise FileNotFoundError(f"{base} is a file; pass the folder that holds the checkpoint's config.json.")
+        return local
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(base)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"No folder at {base}. Pass an existing checkpoint folder or a Hub repo id such as "
+            "'meta-llama/Llama-2-7b-hf'."
+        ) from None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                base, allow_patterns=["config.json", *WEIGHT_PATTERNS, *TOKENIZER_PATTERNS, *OTHER_PATTERNS]
+            )
+        )
+    except Exception as error:  # network, auth, missing repo: all end the same way for the user
+        raise FileNotFoundError(
+            f"{base} is not a local folder and could not be downloaded from the Hugging Face Hub "
+            f"({type(error).__name__}: {error}). Check the path or the repo id, your network, and for gated models "
+            "your access and token (`hf auth login`)."
+        ) from error
+
+
+def _files_to_copy(folder: Path) -> list[Path]:
+    patterns = (*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS, *OTHER_PATTERNS)
+    found = {path for pattern in patterns for path in folder.glob(pattern) if path.is_file()}
+    return sorted(path for path in found if path.name not in SKIPPED_FILES)
+
+
+def _check_output(output: Path, base_folder: Path) -> None:
+    if output.resolve() == base_folder.resolve():
+        raise ValueError(
+            f"The output folder is the base checkpoint ({output}); pass a new folder so the base stays intact."
+        )
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"{output} is an existing file; pass a new or empty folder (nothing is overwritten).")
+    if output.is_dir() and any(output.iterdir()):
+        raise FileExistsError(
+            f"{output} already exists and is not empty; pass a new or empty folder (nothing is overwritten)."
+        )
+
+
+def build_config(
+    config_dict: dict[str, Any],
+    context_length: int,
+    group_size_ratio: float = 0.25,
+    group_size: int | None = None,
+    rope_type: str = "linear",
+    ceil: bool = False,
+) -> LlamaLongLoRAConfig:
+    r"""
+    Build the `LlamaLongLoRAConfig` of a converted checkpoint from the base's `config.json` contents.
+
+    Args:
+        config_dict (`dict[str, Any]`):
+            The base checkpoint's `config.json`, model type `"llama"` or `"llama_longlora"`.
+        context_length (`int`):
+            The context to extend to, in tokens.
+        group_size_ratio (`float`, *optional*, defaults to `0.25`):
+            S²-Attn group size as a fraction of the sequence length, in (0, 1].
+        group_size (`int`, *optional*):
+            An absolute, even S²-Attn group size in tokens; overrides the ratio.
+        rope_type (`str`, *optional*, defaults to `"linear"`):
+            One of `"linear"`, `"yarn"` or `"dynamic"`.
+        ceil (`bool`, *optional*, defaults to `False`):
+            Round the extension's factor up to an integer, like the LongLoRA reference.
+
+    Returns:
+        `LlamaLongLoRAConfig`: The new config; `config.json` of the converted checkpoint is its `save_pretrained`.
+    """
+    model_type = config_dict.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"The base checkpoint has model_type {model_type!r}; only Llama-family checkpoints (model_type "
+            f"{' or '.join(map(repr, SUPPORTED_MODEL_TYPES))}) can be converted to LlamaLongLoRA."
+        )
+    if rope_type not in EXTENSION_ROPE_TYPES:
+        raise ValueError(f"The RoPE type must be one of {', '.join(EXTENSION_ROPE_TYPES)}, got {rope_type!r}.")
+    _check_s2_settings(group_size_ratio, group_size)
+    extension = position_interpolation(config_dict, context_length, rope_type=rope_type, ceil=ceil)
+
+    from .remote_code.configuration_llama_longlora import LlamaLongLoRAConfig
+
+    values = {key: value for key, value in config_dict.items() if key not in DROPPED_CONFIG_KEYS}
+    values.update(
+        architectures=["LlamaLongLoRAForCausalLM"],
+        rope_parameters=extension["rope_parameters"],
+        max_position_embeddings=extension["max_position_embeddings"],
+        s2_group_size_ratio=float(group_size_ratio),
+        s2_group_size=group_size,
+    )
+    return LlamaLongLoRAConfig(**values)
+
+
+def convert_checkpoint(
+    base: str | Path,
+    output: str | Path,
+    context_length: int,
+    group_size_ratio: float = 0.25,
+    group_size: int | None = None,
+    rope_type: str = "linear",
+    ceil: bool = False,
+) -> Path:
+    r"""
+    Convert a Llama checkpoint into a LlamaLongLoRA checkpoint extended to `context_length` tokens.
+
+    The weights are copied, never loaded, so this takes seconds and no memory whatever the model size. The output
+    is written to a temporary folder next to `output` and renamed at the end: a failure leaves nothing behind.
+
+    Args:
+        base (`str` or `Path`):
+            A local checkpoint folder, or a Hub repo id (its config, weights, tokenizer and generation config are
+            downloaded).
+        output (`str` or `Path`):
+            A new or empty folder for the converted checkpoint.
+        context_length (`int`):
+            The context to extend to, in tokens; must be above the base's `max_position_embeddings`.
+        group_size_ratio (`float`, *optional*, defaults to `0.25`):
+            S²-Attn group size as a fraction of the training sequence length, in (0, 1].
+        group_size (`int`, *optional*):
+            An absolute, even S²-Attn group size in tokens; overrides `group_size_ratio`.
+        rope_type (`str`, *optional*, defaults to `"linear"`):
+            `"linear"` (Position Interpolation, as in LongLoRA), `"yarn"` or `"dynamic"` (NTK).
+        ceil (`bool`, *optional*, defaults to `False`):
+            Round the extension's factor up to an integer, like the LongLoRA reference scripts.
+
+    Returns:
+        `Path`: The output folder.
+
+    Raises:
+        `FileNotFoundError`: If the base folder, its `config.json` or its weights are missing, or a Hub id cannot
+            be downloaded.
+        `FileExistsError`: If `output` exists and is not empty.
+        `ValueError`: If the base is not a Llama checkpoint, `context_length` is not above its context, the RoPE
+            scaling cannot be combined, the group size (ratio) is invalid, or `output` is the base folder.
+    """
+    _check_s2_settings(group_size_ratio, group_size)
+    output = Path(output).expanduser()
+    local_base = Path(base).expanduser()
+    if local_base.exists():
+        _check_output(output, local_base)  # before any download or work
+    base_folder = _resolve_base(str(base))
+    _check_output(output, base_folder)
+    config_path = base_folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"No config.json in {base_folder}; pass the folder of a transformers checkpoint (the one with "
+            "config.json and the weights)."
+        )
+    try:
+        config_dict = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{config_path} is not valid JSON ({error}); restore it from the original checkpoint."
+        ) from None
+    config = build_config(
+        config_dict,
+        context_length,
+        group_size_ratio=group_size_ratio,
+        group_size=group_size,
+        rope_type=rope_type,
+        ceil=ceil,
+    )
+    files = _files_to_copy(base_folder)
+    if not any(path.name.endswith((".safetensors", ".bin")) for path in files):
+        raise FileNotFoundError(
+            f"No weights (*.safetensors or *.bin) in {base_folder}; pass a complete checkpoint folder."
+        )
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # a hidden sibling on the same filesystem, so the final rename is atomic; created with `mkdir` rather than
+    # `tempfile.mkdtemp` so the folder gets the user's usual permissions, not 0700
+    staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.partial"
+    staging.mkdir()
+    try:
+        config.save_pretrained(staging)
+        for path in remote_code_files():
+            shutil.copyfile(path, staging / path.name)
+        for path in files:
+            shutil.copyfile(path, staging / path.name)  # follows Hub-cache symlinks: the output stands alone
+        if output.exists():
+            output.rmdir()  # checked empty above; a directory cannot be renamed onto another on every platform
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "build_config", "convert_checkpoint", "remote_code_files"]
