@@ -188,3 +188,20 @@ def test_save_and_reload_keeps_everything(tmp_path):
 
 def test_tiny_llama_is_deterministic():
     assert torch.equal(tiny_llama(3).lm_head.weight, tiny_llama(3).lm_head.weight)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_step_builds_no_n_by_n_tensor(backend):
+    """With padding, stock Llama builds a (B, 1, N, N) mask; the S² path never does."""
+    from .test_s2_attention import LargestTensor
+
+    n = 1024
+    _, model = pair(s2_group_size=64)
+    model.set_attn_implementation(backend)
+    model.train()
+    ids = tokens(1, n)
+    mask = torch.ones_like(ids)
+    mask[0, :10] = 0
+    with LargestTensor() as probe:
+        model(ids, attention_mask=mask, labels=ids).loss.backward()
+    assert probe.largest < n * n // 2
