@@ -124,7 +124,7 @@ def _check_output(output: Path, base_folder: Path) -> None:
 
 def build_config(
     config_dict: dict[str, Any],
-    context_length: int,
+    context_length: int | None,
     group_size_ratio: float = 0.25,
     group_size: int | None = None,
     rope_type: str = "linear",
@@ -136,8 +136,9 @@ def build_config(
     Args:
         config_dict (`dict[str, Any]`):
             The base checkpoint's `config.json`, model type `"llama"` or `"llama_longlora"`.
-        context_length (`int`):
-            The context to extend to, in tokens.
+        context_length (`int` or `None`):
+            The context to extend to, in tokens; `None` keeps the base's RoPE and context (only the class changes,
+            for S² training within the pretraining context).
         group_size_ratio (`float`, *optional*, defaults to `0.25`):
             S²-Attn group size as a fraction of the sequence length, in (0, 1].
         group_size (`int`, *optional*):
@@ -159,15 +160,23 @@ def build_config(
     if rope_type not in EXTENSION_ROPE_TYPES:
         raise ValueError(f"The RoPE type must be one of {', '.join(EXTENSION_ROPE_TYPES)}, got {rope_type!r}.")
     _check_s2_settings(group_size_ratio, group_size)
-    extension = position_interpolation(config_dict, context_length, rope_type=rope_type, ceil=ceil)
+    if context_length is None:
+        extension = {}
+        dropped = DROPPED_CONFIG_KEYS[:5]  # the class keys only: RoPE and context stay as they are
+    else:
+        found = position_interpolation(config_dict, context_length, rope_type=rope_type, ceil=ceil)
+        extension = {
+            "rope_parameters": found["rope_parameters"],
+            "max_position_embeddings": found["max_position_embeddings"],
+        }
+        dropped = DROPPED_CONFIG_KEYS
 
     from .remote_code.configuration_llama_longlora import LlamaLongLoRAConfig
 
-    values = {key: value for key, value in config_dict.items() if key not in DROPPED_CONFIG_KEYS}
+    values = {key: value for key, value in config_dict.items() if key not in dropped}
     values.update(
         architectures=["LlamaLongLoRAForCausalLM"],
-        rope_parameters=extension["rope_parameters"],
-        max_position_embeddings=extension["max_position_embeddings"],
+        **extension,
         s2_group_size_ratio=float(group_size_ratio),
         s2_group_size=group_size,
     )
@@ -177,11 +186,12 @@ def build_config(
 def convert_checkpoint(
     base: str | Path,
     output: str | Path,
-    context_length: int,
+    context_length: int | None,
     group_size_ratio: float = 0.25,
     group_size: int | None = None,
     rope_type: str = "linear",
     ceil: bool = False,
+    link_weights: bool = False,
 ) -> Path:
     r"""
     Convert a Llama checkpoint into a LlamaLongLoRA checkpoint extended to `context_length` tokens.
@@ -195,8 +205,9 @@ def convert_checkpoint(
             downloaded).
         output (`str` or `Path`):
             A new or empty folder for the converted checkpoint.
-        context_length (`int`):
-            The context to extend to, in tokens; must be above the base's `max_position_embeddings`.
+        context_length (`int` or `None`):
+            The context to extend to, in tokens; must be above the base's `max_position_embeddings`. `None` keeps
+            the base's context and RoPE (the training recipe's conversion when no extension is asked for).
         group_size_ratio (`float`, *optional*, defaults to `0.25`):
             S²-Attn group size as a fraction of the training sequence length, in (0, 1].
         group_size (`int`, *optional*):
@@ -205,6 +216,9 @@ def convert_checkpoint(
             `"linear"` (Position Interpolation, as in LongLoRA), `"yarn"` or `"dynamic"` (NTK).
         ceil (`bool`, *optional*, defaults to `False`):
             Round the extension's factor up to an integer, like the LongLoRA reference scripts.
+        link_weights (`bool`, *optional*, defaults to `False`):
+            Symlink the weight files instead of copying them (the training recipe's on-the-fly conversion: no
+            extra disk, but the output then depends on the base staying where it is).
 
     Returns:
         `Path`: The output folder.
@@ -259,7 +273,10 @@ def convert_checkpoint(
         for path in remote_code_files():
             shutil.copyfile(path, staging / path.name)
         for path in files:
-            shutil.copyfile(path, staging / path.name)  # follows Hub-cache symlinks: the output stands alone
+            if link_weights and path.name.endswith((".safetensors", ".bin")):
+                (staging / path.name).symlink_to(path.resolve())
+            else:
+                shutil.copyfile(path, staging / path.name)  # follows Hub-cache symlinks: the output stands alone
         if output.exists():
             output.rmdir()  # checked empty above; a directory cannot be renamed onto another on every platform
         staging.rename(output)

@@ -1,0 +1,204 @@
+"""Training data for the two LongLoRA stages.
+
+- `extend` (context extension): long plain text, documents joined with EOS and packed into rows of exactly the
+  target length, like the paper. With `keep_documents_apart`, `position_ids` restart at every document so
+  S²-Attn (and the model) keep documents apart inside a row.
+- `longqa` (supervised): prompt-completion rows in TRL's format; LongAlpaca-style `instruction`/`output` rows are
+  turned into `[INST]{instruction}[/INST]` prompts (or the tokenizer's chat template). The loss is on the
+  completion only (TRL's `completion_only_loss`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DATASETS = ("builtin:documents", "builtin:passkey")
+TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+DEFAULT_TEMPLATE = "[INST]{instruction}[/INST]"
+
+
+def load_raw_dataset(
+    dataset_name: str | None = None,
+    data_files: list[str] | None = None,
+    split: str = "train",
+    streaming: bool = False,
+    dataset_config: str | None = None,
+    num_builtin_rows: int = 64,
+):
+    r"""
+    Load the raw rows of a training set.
+
+    Args:
+        dataset_name (`str`, *optional*):
+            A Hub dataset name, or one of `BUILTIN_DATASETS` (synthetic data that needs no download).
+        data_files (`list[str]`, *optional*):
+            Local `.txt`/`.md` (one document per file), `.json`/`.jsonl` or `.parquet` files (globs allowed).
+        split (`str`, *optional*, defaults to `"train"`): The split to read.
+        streaming (`bool`, *optional*, defaults to `False`): Stream instead of downloading/preparing it all.
+        dataset_config (`str`, *optional*): The Hub dataset's configuration name.
+        num_builtin_rows (`int`, *optional*, defaults to `64`): How many rows a builtin dataset has.
+    """
+    from datasets import Dataset, load_dataset
+
+    if (dataset_name is None) == (data_files is None):
+        raise ValueError("Give exactly one of dataset_name (a Hub dataset or builtin:...) and data_files.")
+    if dataset_name is not None and dataset_name.startswith(BUILTIN_PREFIX):
+        from .synthetic import long_documents, passkey_examples
+
+        if dataset_name == "builtin:documents":
+            rows = [{"text": text} for text in long_documents(num_builtin_rows)]
+        elif dataset_name == "builtin:passkey":
+            rows = passkey_examples(num_builtin_rows)
+        else:
+            raise ValueError(f"Unknown builtin dataset {dataset_name!r}; the builtin datasets are {BUILTIN_DATASETS}.")
+        dataset = Dataset.from_list(rows)
+        return dataset.to_iterable_dataset() if streaming else dataset
+    if dataset_name is not None:
+        try:
+            return load_dataset(dataset_name, dataset_config, split=split, streaming=streaming)
+        except Exception as error:
+            raise ValueError(
+                f"Could not load the dataset {dataset_name!r} ({type(error).__name__}: {error}). Check the name, your "
+                "network and token, or pass local files with data_files."
+            ) from error
+    files = _expand(data_files)
+    kinds = {TEXT_SUFFIXES.get(Path(path).suffix.lower()) for path in files}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(
+            f"data_files must all be of one kind among {sorted(TEXT_SUFFIXES)}; got {sorted(map(str, files))}."
+        )
+    kind = kinds.pop()
+    extra = {"sample_by": "document"} if kind == "text" else {}
+    return load_dataset(kind, data_files=[str(path) for path in files], split="train", streaming=streaming, **extra)
+
+
+def _expand(patterns: Iterable[str]) -> list[Path]:
+    files: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        matches = sorted(path.parent.glob(path.name)) if any(c in path.name for c in "*?[") else [path]
+        missing = [match for match in matches if not match.is_file()]
+        if not matches or missing:
+            raise FileNotFoundError(f"No data file at {pattern}; check data_files in your config.")
+        files.extend(matches)
+    return files
+
+
+def _packed_rows(
+    texts: Iterable[str], tokenizer, seq_len: int, keep_documents_apart: bool, batch_size: int = 256
+) -> Iterator[dict[str, list[int]]]:
+    """Rows of exactly `seq_len` tokens from documents joined with EOS; the last partial row is dropped."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("The tokenizer has no eos_token; set one (documents are joined with it).")
+    ids: list[int] = []
+    positions: list[int] = []
+
+    def batches() -> Iterator[list[str]]:
+        batch: list[str] = []
+        for text in texts:
+            batch.append(text)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    for batch in batches():
+        for document in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            document = [*document, eos]
+            ids.extend(document)
+            positions.extend(range(len(document)))
+            while len(ids) >= seq_len:
+                row = {"input_ids": ids[:seq_len]}
+                if keep_documents_apart:
+                    row["position_ids"] = _restart_at_row_start(positions[:seq_len])
+                yield row
+                ids, positions = ids[seq_len:], positions[seq_len:]
+
+
+def _restart_at_row_start(positions: list[int]) -> list[int]:
+    """A document cut by a row boundary continues in the next row from position 0: rows are independent."""
+    first = positions[0]
+    if first == 0:
+        return positions
+    end = next((index for index, position in enumerate(positions) if position == 0), len(positions))
+    return [position - first for position in positions[:end]] + positions[end:]
+
+
+def pack_documents(dataset, tokenizer, seq_len: int, text_field: str = "text", keep_documents_apart: bool = False):
+    r"""
+    Pack a dataset of documents into rows of exactly `seq_len` tokens for the context-extension stage.
+
+    Args:
+        dataset (`Dataset` or `IterableDataset`): Rows with a `text_field` column.
+        tokenizer (`PreTrainedTokenizerBase`): Its EOS joins the documents.
+        seq_len (`int`): The row length, the target context of the stage.
+        text_field (`str`, *optional*, defaults to `"text"`): The column holding the documents.
+        keep_documents_apart (`bool`, *optional*, defaults to `False`): Add `position_ids` restarting at every
+            document, so no token attends across a document boundary.
+
+    Returns:
+        A dataset of the same kind (map-style or streaming) with `input_ids` (and `position_ids`).
+    """
+    from datasets import Dataset, IterableDataset
+
+    columns = dataset.column_names
+    if columns is not None and text_field not in columns:
+        raise ValueError(
+            f"The dataset has no {text_field!r} column (it has {columns}); set text_field to the column that holds "
+            "the documents."
+        )
+
+    def generate():
+        yield from _packed_rows((row[text_field] for row in dataset), tokenizer, seq_len, keep_documents_apart)
+
+    if isinstance(dataset, IterableDataset):
+        return IterableDataset.from_generator(generate)
+    rows = list(generate())
+    if not rows:
+        total = sum(len(ids) + 1 for ids in tokenizer(dataset[text_field], add_special_tokens=False)["input_ids"])
+        raise ValueError(
+            f"The data holds {total} tokens, not enough for one row of {seq_len} tokens: add documents or lower "
+            "max_length."
+        )
+    return Dataset.from_list(rows)
+
+
+def to_prompt_completion(dataset, template: str = DEFAULT_TEMPLATE, use_chat_template: bool = False):
+    r"""
+    Turn LongQA/LongAlpaca rows into TRL prompt-completion rows (loss on the completion only).
+
+    Accepts rows with `prompt`/`completion` (the LongQA builder's output; kept as they are), `messages`
+    (conversational; kept), or `instruction`/`output` (+ optional `input`), formatted with `template` or, with
+    `use_chat_template`, as a user/assistant exchange for the tokenizer's chat template.
+    """
+    columns = set(dataset.column_names or [])
+    if {"prompt", "completion"} <= columns or "messages" in columns:
+        return dataset
+    if not {"instruction", "output"} <= columns:
+        raise ValueError(
+            f"The LongQA stage needs prompt/completion, messages, or instruction/output columns; the dataset has "
+            f"{sorted(columns)}. Rename the columns or build the data with `longlora-hub longqa build`."
+        )
+    if "{instruction}" not in template:
+        raise ValueError(f"prompt_template must contain '{{instruction}}', got {template!r}.")
+
+    def convert(row: dict[str, Any]) -> dict[str, Any]:
+        instruction = row["instruction"]
+        if row.get("input"):
+            instruction = f"{instruction}\n{row['input']}"
+        if use_chat_template:
+            return {
+                "prompt": [{"role": "user", "content": instruction}],
+                "completion": [{"role": "assistant", "content": row["output"]}],
+            }
+        return {"prompt": template.format(instruction=instruction), "completion": row["output"]}
+
+    return dataset.map(convert, remove_columns=sorted(columns))
+
+
+__all__ = ["BUILTIN_DATASETS", "DEFAULT_TEMPLATE", "load_raw_dataset", "pack_documents", "to_prompt_completion"]

@@ -1,0 +1,281 @@
+"""The reusable parts of `recipes/sft.py`: argument dataclasses, model loading with on-the-fly conversion,
+dataset preparation per stage, and the checks that run before any training step.
+
+Configuration flows one way: YAML (`--config`) -> these dataclasses and TRL's `SFTConfig` -> CLI overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .data import DEFAULT_TEMPLATE, load_raw_dataset, pack_documents, to_prompt_completion
+from .trainable import LORA_TARGETS, TRAINABLE_MODES, lora_config
+
+STAGES = ("extend", "longqa")
+BUILTIN_MODELS = ("builtin:tiny-llama",)
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=None,
+        metadata={
+            "help": "A stock Llama checkpoint (converted on the fly), a LlamaLongLoRA one, a Hub id, or "
+            "builtin:tiny-llama (built in code, for CPU tests)."
+        },
+    )
+    model_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
+    context_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Target context. Above the checkpoint's context, Position Interpolation extends it (factors "
+            "compose with an existing linear scaling). Defaults to max_length."
+        },
+    )
+    rope_type: str = field(default="linear", metadata={"help": "linear (PI, the paper), yarn or dynamic."})
+    rope_ceil: bool = field(default=False, metadata={"help": "Round the PI factor up, like the reference."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "eager, sdpa, flex_attention (GPU) or flash_attention_2 (GPU)."}
+    )
+    dtype: str = field(default="auto", metadata={"help": f"Weights dtype: one of {DTYPES}."})
+
+
+@dataclass
+class LongLoRAArguments:
+    stage: str = field(default="extend", metadata={"help": "extend (long plain text) or longqa (supervised QA)."})
+    trainable: str = field(
+        default="lora_plus",
+        metadata={"help": "lora_plus (LoRA + embeddings + norms, the paper), lora, full, or qlora (GPU)."},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LORA_TARGETS), metadata={"help": "Projections that get LoRA."}
+    )
+    s2_attention: bool = field(default=True, metadata={"help": "Train with S²-Attn (full attention if false)."})
+    s2_group_size_ratio: float = field(default=0.25, metadata={"help": "S² group size / sequence length."})
+    s2_group_size: int | None = field(default=None, metadata={"help": "Absolute even S² group size (tokens)."})
+    s2_shift: str = field(default="segments", metadata={"help": "segments (leak-free) or roll (the paper's)."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset name, or builtin:documents / builtin:passkey (synthetic, no download)."},
+    )
+    data_files: list[str] | None = field(
+        default=None, metadata={"help": "Local .txt/.md (one document per file), .json/.jsonl or .parquet files."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the data (corpora that do not fit on disk)."})
+    text_field: str = field(default="text", metadata={"help": "extend stage: column holding the documents."})
+    keep_documents_apart: bool = field(
+        default=False,
+        metadata={"help": "extend stage: position_ids restart at each document, so attention stays inside it."},
+    )
+    prompt_template: str = field(
+        default=DEFAULT_TEMPLATE, metadata={"help": "longqa stage: template for instruction/output rows."}
+    )
+    use_chat_template: bool = field(
+        default=False, metadata={"help": "longqa stage: use the tokenizer's chat template instead."}
+    )
+
+
+def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data_args, training_args) -> None:
+    """Every configuration error, before any model or data is loaded, each naming the fix."""
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is required: a Llama checkpoint folder, a Hub id or builtin:tiny-llama.")
+    if ll_args.stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {ll_args.stage!r}.")
+    if ll_args.trainable not in TRAINABLE_MODES:
+        raise ValueError(f"trainable must be one of {TRAINABLE_MODES}, got {ll_args.trainable!r}.")
+    if model_args.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {model_args.dtype!r}.")
+    if ll_args.trainable == "qlora":
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(
+                "trainable: qlora needs a CUDA GPU and bitsandbytes (pip install 'longlora-hub[gpu]'); use lora_plus "
+                "on this machine."
+            )
+    if ll_args.s2_shift not in ("segments", "roll"):
+        raise ValueError(f"s2_shift must be 'segments' or 'roll', got {ll_args.s2_shift!r}.")
+    if not 0 < ll_args.s2_group_size_ratio <= 1:
+        raise ValueError(f"s2_group_size_ratio must be in (0, 1], got {ll_args.s2_group_size_ratio}.")
+    length = training_args.max_length
+    if length is None or length < 2:
+        raise ValueError("max_length must be set: it is the training sequence length (the extend stage's row length).")
+    group = ll_args.s2_group_size
+    if group is not None and (group < 2 or group % 2 or group > length):
+        raise ValueError(
+            f"s2_group_size={group} does not fit max_length={length}: use an even size between 2 and {length}, or "
+            "leave it unset to use s2_group_size_ratio."
+        )
+    if ll_args.s2_attention and group is None and int(length * ll_args.s2_group_size_ratio) < 2:
+        raise ValueError(
+            f"s2_group_size_ratio={ll_args.s2_group_size_ratio} gives groups under 2 tokens at max_length={length}."
+        )
+    if model_args.context_length is not None and model_args.context_length < length:
+        raise ValueError(
+            f"max_length={length} is above context_length={model_args.context_length}: the model would see positions "
+            "it was not extended to. Raise context_length or lower max_length."
+        )
+    if ll_args.stage == "longqa" and data_args.keep_documents_apart:
+        raise ValueError("keep_documents_apart applies to the extend stage only.")
+
+
+def _builtin_base(name: str, folder: Path) -> Path:
+    """Save a model built in code (and its tokenizer) so that it loads like any checkpoint."""
+    from .testing import build_tiny_tokenizer, tiny_llama
+
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"Unknown builtin model {name!r}; the builtin models are {BUILTIN_MODELS}.")
+    if not (folder / "config.json").exists():
+        tokenizer = build_tiny_tokenizer()
+        tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def prepare_base(model_args: ModelArguments, ll_args: LongLoRAArguments, output_dir: str, length: int) -> Path:
+    """The LlamaLongLoRA checkpoint to train: the given one if it already covers the context, otherwise a
+    conversion into `output_dir/base` (config + remote code, weights symlinked, tokenizer copied) that the
+    adapter then names as its base. Only the main process writes; call it under `main_process_first`."""
+    from .convert import convert_checkpoint
+
+    source = model_args.model_name_or_path
+    if source.startswith("builtin:"):
+        source = str(_builtin_base(source, Path(output_dir) / "builtin-base"))
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, revision=model_args.model_revision, trust_remote_code=True)
+    except OSError as error:
+        raise ValueError(
+            f"Cannot read the model {source!r} ({error}). Pass a checkpoint folder or a Hub id you can access."
+        ) from error
+    if config.model_type not in ("llama", "llama_longlora"):
+        raise ValueError(
+            f"model_name_or_path is a {config.model_type!r} model; LongLoRA recipes train Llama-family checkpoints."
+        )
+    target = model_args.context_length or length
+    if config.model_type == "llama_longlora" and target <= config.max_position_embeddings:
+        return Path(source)
+    base = Path(output_dir) / "base"
+    if (base / "config.json").exists():
+        existing = json.loads((base / "config.json").read_text())  # a resumed or repeated run
+        if existing.get("max_position_embeddings", 0) >= target:
+            return base
+        raise ValueError(
+            f"{base} holds a conversion to {existing.get('max_position_embeddings')} tokens, not {target}; remove it "
+            "or use another output_dir."
+        )
+    local = Path(source)
+    if not local.exists():
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(source, revision=model_args.model_revision))
+    return convert_checkpoint(
+        local,
+        base,
+        # a stock Llama trained within its own context still needs the LlamaLongLoRA class for S²
+        target if target > config.max_position_embeddings else None,
+        group_size_ratio=ll_args.s2_group_size_ratio,
+        group_size=ll_args.s2_group_size,
+        rope_type=model_args.rope_type,
+        ceil=model_args.rope_ceil,
+        link_weights=True,
+    )
+
+
+def load_model_and_tokenizer(base: Path, model_args: ModelArguments, ll_args: LongLoRAArguments):
+    """The LlamaLongLoRA model (with the run's S² settings) and its tokenizer; no vocabulary change."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+    kwargs = {}
+    if ll_args.trainable == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        base,
+        trust_remote_code=True,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+        s2_attention=ll_args.s2_attention,
+        s2_group_size_ratio=ll_args.s2_group_size_ratio,
+        s2_group_size=ll_args.s2_group_size,
+        s2_shift=ll_args.s2_shift,
+        **kwargs,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=True)
+    if tokenizer.pad_token is None:
+        # pad with EOS rather than adding a token: a new row in the embedding breaks merging and other tokenizers
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def build_dataset(data_args: DataArguments, ll_args: LongLoRAArguments, tokenizer, length: int):
+    raw = load_raw_dataset(
+        data_args.dataset_name,
+        data_args.data_files,
+        split=data_args.dataset_split,
+        streaming=data_args.streaming,
+        dataset_config=data_args.dataset_config,
+    )
+    if ll_args.stage == "extend":
+        return pack_documents(raw, tokenizer, length, data_args.text_field, data_args.keep_documents_apart)
+    return to_prompt_completion(raw, data_args.prompt_template, data_args.use_chat_template)
+
+
+def peft_config(ll_args: LongLoRAArguments):
+    return lora_config(
+        ll_args.trainable, ll_args.lora_r, ll_args.lora_alpha, ll_args.lora_dropout, ll_args.lora_target_modules
+    )
+
+
+class TokensPerSecondCallback(TrainerCallback):
+    """Adds `tokens_per_second` (input tokens of this process since the last log) to every log line."""
+
+    def __init__(self):
+        self.last_time = None
+        self.last_tokens = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        now = time.perf_counter()
+        tokens = state.num_input_tokens_seen
+        if logs is not None and self.last_time is not None and tokens > self.last_tokens:
+            elapsed = now - self.last_time
+            if elapsed > 0 and not math.isclose(elapsed, 0):
+                logs["tokens_per_second"] = round((tokens - self.last_tokens) / elapsed, 1)
+        self.last_time, self.last_tokens = now, tokens
+
+
+__all__ = [
+    "DataArguments",
+    "LongLoRAArguments",
+    "ModelArguments",
+    "TokensPerSecondCallback",
+    "build_dataset",
+    "check_arguments",
+    "load_model_and_tokenizer",
+    "peft_config",
+    "prepare_base",
+]
