@@ -160,7 +160,7 @@ def pack_documents(dataset, tokenizer, seq_len: int, text_field: str = "text", k
         return IterableDataset.from_generator(generate)
     rows = list(generate())
     if not rows:
-        total = sum(len(ids) + 1 for ids in tokenizer(dataset[text_field], add_special_tokens=False)["input_ids"])
+        total = sum(len(ids) + 1 for ids in tokenizer(list(dataset[text_field]), add_special_tokens=False)["input_ids"])
         raise ValueError(
             f"The data holds {total} tokens, not enough for one row of {seq_len} tokens: add documents or lower "
             "max_length."

@@ -93,6 +93,9 @@ class DataArguments:
 
 def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data_args, training_args) -> None:
     """Every configuration error, before any model or data is loaded, each naming the fix."""
+    # an empty value on the command line (`--dataset_name ""`) means "not set", e.g. to switch to data_files
+    data_args.dataset_name = data_args.dataset_name or None
+    data_args.data_files = data_args.data_files or None
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required: a Llama checkpoint folder, a Hub id or builtin:tiny-llama.")
     if ll_args.stage not in STAGES:
@@ -242,7 +245,35 @@ def build_dataset(data_args: DataArguments, ll_args: LongLoRAArguments, tokenize
     )
     if ll_args.stage == "extend":
         return pack_documents(raw, tokenizer, length, data_args.text_field, data_args.keep_documents_apart)
-    return to_prompt_completion(raw, data_args.prompt_template, data_args.use_chat_template)
+    return drop_too_long(
+        to_prompt_completion(raw, data_args.prompt_template, data_args.use_chat_template), tokenizer, length
+    )
+
+
+def drop_too_long(dataset, tokenizer, length: int):
+    """Truncating a QA example would cut its answer (the only scored part): drop the examples that do not fit,
+    say how many, and refuse when none fit."""
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset) or not isinstance(dataset[0]["prompt"], str):
+        return dataset  # streamed or conversational rows: TRL truncates; the numbers are not known up front
+    sizes = [
+        len(ids) + 1  # + EOS
+        for ids in tokenizer(
+            [p + c for p, c in zip(list(dataset["prompt"]), list(dataset["completion"]), strict=True)],
+            add_special_tokens=True,
+        )["input_ids"]
+    ]
+    keep = [index for index, size in enumerate(sizes) if size <= length]
+    if not keep:
+        raise ValueError(
+            f"All {len(sizes)} examples are longer than max_length={length} (the shortest has {min(sizes)} tokens); "
+            "raise max_length (and context_length), or filter the data."
+        )
+    if len(keep) < len(sizes):
+        print(f"[longlora-hub] dropped {len(sizes) - len(keep)} of {len(sizes)} examples longer than {length} tokens")
+        dataset = dataset.select(keep)
+    return dataset
 
 
 def peft_config(ll_args: LongLoRAArguments):
