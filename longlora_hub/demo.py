@@ -1,85 +1,105 @@
-"""`make demo`: the LongLoRA pipeline on a tiny Llama, on CPU, in well under a minute.
+"""`make demo`: the whole LongLoRA pipeline on a tiny Llama, on CPU, in about a minute.
 
-1. build a tiny stock Llama and its tokenizer in code (nothing is downloaded) and save them;
-2. `longlora-hub convert` it to LlamaLongLoRA with Position Interpolation to 4x its context;
-3. load the result with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`;
-4. train a few steps at the new length with S²-Attn (training mode), then show full attention is used at
-   evaluation and generate with the KV cache.
+1. build a tiny stock Llama (context 256) and its tokenizer in code (nothing is downloaded);
+2. `longlora-hub convert` it to LlamaLongLoRA with Position Interpolation to 1024 tokens (4x);
+3. stage 1, context extension: `recipes/sft.py` with `recipes/configs/tiny/extend.yaml` (S²-Attn, LoRA +
+   embeddings + norms) on synthetic long documents at the extended length; merge the adapter;
+4. stage 2, LongQA: `recipes/sft.py` with `recipes/configs/tiny/longqa.yaml` on passkey questions; merge;
+5. generate with full attention and the KV cache on a long prompt.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import importlib.util
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("longlora_sft_recipe", ROOT / "recipes" / "sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="demo_output", help="folder for the demo's checkpoints")
-    parser.add_argument("--steps", type=int, default=8, help="S² training steps")
+    parser.add_argument("--output", default="demo_output", help="folder for every checkpoint the demo writes")
+    parser.add_argument("--extend-steps", type=int, default=30, help="context-extension steps")
+    parser.add_argument("--longqa-steps", type=int, default=20, help="LongQA steps")
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from longlora_hub.convert import convert_checkpoint
-    from longlora_hub.testing import FILLER, build_tiny_tokenizer, tiny_llama
+    from longlora_hub.merge import merge_adapter
+    from longlora_hub.synthetic import passkey_examples
+    from longlora_hub.testing import build_tiny_tokenizer, tiny_llama
 
-    torch.manual_seed(0)
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):
         raise SystemExit(f"{output} exists and is not empty; remove it or pass --output to another folder.")
-    base_dir, extended_dir = output / "base", output / "extended"
+    sft = load_recipe()
+    configs = ROOT / "recipes" / "configs" / "tiny"
+    quiet = ["--disable_tqdm", "true"]
 
+    # 1. a stock Llama built in code
     tokenizer = build_tiny_tokenizer()
     base = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256)
-    base.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    params = sum(p.numel() for p in base.parameters())
-    say(f"built a tiny stock Llama ({params / 1e3:.0f}k parameters, context 256) in {base_dir}")
+    base.save_pretrained(output / "base")
+    tokenizer.save_pretrained(output / "base")
+    say(f"1. built a tiny stock Llama ({sum(p.numel() for p in base.parameters()) / 1e3:.0f}k parameters, context 256)")
 
-    target = 1024
-    convert_checkpoint(str(base_dir), str(extended_dir), context_length=target)
-    model = AutoModelForCausalLM.from_pretrained(extended_dir, trust_remote_code=True)
-    config = model.config
-    say(
-        f"converted to {type(model).__name__}: context {config.max_position_embeddings}, "
-        f"RoPE {config.rope_parameters['rope_type']} x{config.rope_parameters['factor']:g}, "
-        f"S² group size ratio {config.s2_group_size_ratio} (shift: {config.s2_shift})"
+    # 2. conversion: config + remote code, weights copied as they are
+    converted = convert_checkpoint(output / "base", output / "converted", context_length=1024)
+    rope = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True).config.rope_parameters
+    say(f"2. converted to LlamaLongLoRA: context 1024, RoPE {rope['rope_type']} x{rope['factor']:g} -> {converted}")
+
+    # 3. stage 1: context extension at 1024 tokens with S²-Attn
+    say("3. stage 1 (extend): 1024-token rows of long documents, S² groups of 256, LoRA + embeddings + norms")
+    extend = sft.main(
+        ["--config", str(configs / "extend.yaml"), "--model_name_or_path", str(converted)]
+        + ["--output_dir", str(output / "extend"), "--max_steps", str(args.extend_steps)]
+        + ["--logging_steps", str(max(1, args.extend_steps // 6))]
+        + quiet
     )
+    curve = [f"{entry['loss']:.3f}" for entry in extend.state.log_history if "loss" in entry]
+    say(f"   loss at 1024 tokens: {' -> '.join(curve)}; adapter in {output / 'extend'}")
+    extended = merge_adapter(output / "extend", output / "extended")
+    say(f"   merged into {extended}")
 
-    ids = tokenizer(FILLER * 40, return_tensors="pt").input_ids[:, :target]
-    say(f"training {args.steps} steps on {ids.shape[1]} tokens with S²-Attn (G = {int(target * 0.25)})")
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        say(f"  step {step}: loss {loss.item():.3f}")
-    say(f"  {args.steps * ids.shape[1] / (time.perf_counter() - start):.0f} tokens/s on CPU")
+    # 4. stage 2: LongQA supervised fine-tuning on the extended model
+    say("4. stage 2 (longqa): passkey questions over ~700-token prompts, loss on the answers only")
+    longqa = sft.main(
+        ["--config", str(configs / "longqa.yaml"), "--model_name_or_path", str(extended)]
+        + ["--output_dir", str(output / "longqa"), "--max_steps", str(args.longqa_steps)]
+        + ["--logging_steps", str(max(1, args.longqa_steps // 4))]
+        + quiet
+    )
+    curve = [f"{entry['loss']:.3f}" for entry in longqa.state.log_history if "loss" in entry]
+    say(f"   loss: {' -> '.join(curve)}; adapter in {output / 'longqa'}")
+    final = merge_adapter(output / "longqa", output / "final")
+    say(f"   merged into {final}")
 
-    model.eval()
+    # 5. generation with full attention on a long prompt
+    model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(final, trust_remote_code=True)
+    example = passkey_examples(1, seed=123)[0]
+    prompt = tokenizer(f"[INST]{example['instruction']}[/INST]", return_tensors="pt")
     with torch.no_grad():
-        eval_loss = model(ids, labels=ids).loss.item()
-    say(f"evaluation uses full causal attention: loss {eval_loss:.3f} on the same {ids.shape[1]} tokens")
-    model.save_pretrained(extended_dir / "trained")
-    tokenizer.save_pretrained(extended_dir / "trained")
-    reloaded = AutoModelForCausalLM.from_pretrained(extended_dir / "trained", trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(extended_dir / "trained", trust_remote_code=True)
-    prompt = tokenizer("The grass is green. The sky is", return_tensors="pt")
-    generated = reloaded.generate(**prompt, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    text = tokenizer.decode(generated[0], skip_special_tokens=True)
-    say(f"generation with the KV cache (full attention): {text!r}")
-    say(f"done; checkpoints are in {output}/")
+        generated = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    answer = tokenizer.decode(generated[0, prompt.input_ids.shape[1] :], skip_special_tokens=True)
+    say(f"5. generation on a {prompt.input_ids.shape[1]}-token prompt (full attention, KV cache):")
+    say(f"   expected {example['output']!r}, got {answer!r}")
+    say(f"done: every checkpoint is under {output}/ (base, converted, extend, extended, longqa, final)")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,12 @@ from longlora_hub.demo import main
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    main(["--output", str(tmp_path / "demo"), "--steps", "2"])
+    out = tmp_path / "demo"
+    main(["--output", str(out), "--extend-steps", "3", "--longqa-steps", "2"])
     printed = capsys.readouterr().out
-    assert "converted to LlamaLongLoRAForCausalLM: context 1024, RoPE linear x4" in printed
-    assert "step 2: loss" in printed
-    assert (tmp_path / "demo" / "extended" / "trained" / "s2_attention.py").is_file()
+    assert "converted to LlamaLongLoRA: context 1024, RoPE linear x4" in printed
+    assert "loss at 1024 tokens:" in printed
+    for folder in ("base", "converted", "extend", "extended", "longqa", "final"):
+        assert (out / folder).is_dir(), folder
+    assert (out / "final" / "s2_attention.py").is_file()
+    assert "generation on a" in printed
