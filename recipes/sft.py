@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     check_arguments(model_args, ll_args, data_args, training_args)
     training_args.include_num_input_tokens_seen = True
 
-    with PartialState().main_process_first():  # rank 0 converts, the others then read its output
+    # the first process of each machine converts, the others then read its output (shared storage or not)
+    with PartialState().local_main_process_first():
         base = prepare_base(model_args, ll_args, training_args.output_dir, training_args.max_length)
         model, tokenizer = load_model_and_tokenizer(base, model_args, ll_args)
         dataset = build_dataset(data_args, ll_args, tokenizer, training_args.max_length)
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
         callbacks=[TokensPerSecondCallback()],
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.is_fsdp_enabled:  # a sharded state dict saves no adapter: gather the full one for the final save
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir)  # one PEFT folder: LoRA + embeddings + norms
     return trainer
 

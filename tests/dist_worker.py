@@ -1,0 +1,50 @@
+"""One rank of the multi-process training test (`tests/test_recipes.py`), started by `accelerate launch` or
+`torchrun`: runs `recipes/sft.py` with the given arguments, then writes what this rank ended with.
+
+    accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml tests/dist_worker.py \
+        --config recipes/configs/tiny/extend.yaml --output_dir /tmp/run --max_steps 4 ...
+
+Each rank saves `{output_dir}/rank{R}.pt` = {"rank", "world_size", "backend", "distributed_type", "weights": {name:
+tensor}} with the trainable parameters of its (unwrapped) PEFT model, then prints `rank R done`.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("sft_recipe", ROOT / "recipes" / "sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    trainer = load_recipe().main(argv)
+    args = trainer.args
+    distributed = dist.is_available() and dist.is_initialized()
+    record = {
+        "rank": args.process_index,
+        "world_size": dist.get_world_size() if distributed else 1,
+        "backend": dist.get_backend() if distributed else None,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "weights": {
+            name: param.detach().cpu().clone()
+            for name, param in trainer.model.named_parameters()
+            if param.requires_grad
+        },
+    }
+    torch.save(record, Path(args.output_dir) / f"rank{args.process_index}.pt")
+    if distributed:
+        dist.barrier()  # both files exist before either process exits
+    print(f"rank {args.process_index} done", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
