@@ -1,7 +1,8 @@
 """Benchmark S²-Attn against full causal attention and against the paper's pseudo-code done naively on SDPA.
 
 Every number is a forward + backward pass of one attention call (no projections): q/k/v of shape (B, H, N, D),
-the gradient taken with `torch.autograd.grad` against a fixed random output gradient. All cases of all lengths
+handed over as the model hands them (transposed views of (B, N, H, D) projection outputs), the gradient taken
+with `torch.autograd.grad` against a fixed random (B, N, H, D) output gradient. All cases of all lengths
 run in ONE invocation and the ratios are computed inside it: absolute timings on shared machines drift from run
 to run, so only ratios measured side by side are worth comparing.
 
@@ -127,18 +128,20 @@ def run_worker(case: str, seq_len: int, device_name: str, dtype_name: str) -> No
     cuda = device.type == "cuda"
     fn = make_case(case, seq_len, device)  # imports transformers for S² cases: before the memory baseline
     generator = torch.Generator(device="cpu").manual_seed(0)
-    shape = (BATCH, HEADS, seq_len, HEAD_DIM)
+    # the model's layout: a projection gives (B, N, H, D) contiguous memory and attention gets (B, H, N, D) views
+    # of it, so the leaves (and their gradients) are (B, N, H, D) and every case is handed transposed views
+    shape = (BATCH, seq_len, HEADS, HEAD_DIM)
     query, key, value = (
         torch.randn(shape, generator=generator, dtype=dtype).to(device).requires_grad_() for _ in range(3)
     )
-    grad_out = torch.randn((BATCH, seq_len, HEADS, HEAD_DIM), generator=generator, dtype=dtype).to(device)
+    grad_out = torch.randn(shape, generator=generator, dtype=dtype).to(device)  # (B, N, H, D) like the output
     scaling = HEAD_DIM**-0.5
 
     def step() -> float:
         if cuda:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        out = fn(query, key, value, scaling)
+        out = fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scaling)  # (B, N, H, D)
         # autograd.grad instead of backward(): no .grad accumulation, so every step does identical work
         torch.autograd.grad(out, (query, key, value), grad_out)
         if cuda:
@@ -359,7 +362,8 @@ def run_driver(args: argparse.Namespace) -> dict:
             "repeats": args.repeats,
             "timing": "median of forward+backward (torch.autograd.grad) after one warm-up; each (N, case) in its "
             "own fresh process, cases stepped round-robin so that machine noise hits them alike; q/k/v "
-            "contiguous (B, H, N, D); S² layout built outside the timed region",
+            "(B, H, N, D) views of (B, N, H, D) tensors, as the model's projections give them; S² layout built "
+            "outside the timed region",
         },
         "checks": check_naive_roll(),
         "results": {},

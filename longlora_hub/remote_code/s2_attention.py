@@ -185,6 +185,25 @@ def _padding_from_mask(attention_mask, seq_len: int) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------------------------------------
 # dense kernels for one batch of groups
 
+# Eager builds fp32 scores, so it bounds them: groups are taken in chunks of at most this many (L x L) score
+# elements (256 MiB in fp32), so that the transient scores are those of one chunk rather than of a whole half of
+# the heads; and within a chunk the queries are cut into tiles, tile t seeing only the keys up to its last query,
+# so the blocks above the diagonal are never built (the saved probabilities shrink to (T + 1) / 2T of L x L).
+_EAGER_CHUNK_ELEMENTS = 1 << 26
+_EAGER_TILES = 4
+
+
+def _causal_bias(layout: S2Layout, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(L, L) additive causal mask: 0 on and below the diagonal, the dtype's minimum above. Built once per layout
+    for the longest group and shared by every layer; shorter groups use its top-left corner (a view)."""
+
+    def build():
+        size = min(layout.group_size, layout.seq_len)
+        upper = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)  # (L, L)
+        return torch.zeros(size, size, dtype=dtype, device=device).masked_fill_(upper, torch.finfo(dtype).min)
+
+    return layout.cached(f"causal_bias/{dtype}/{device}", build)[:length, :length]
+
 
 def _attend(
     query: torch.Tensor,
@@ -194,9 +213,10 @@ def _attend(
     scaling: float,
     dropout: float,
     backend: str,
+    layout: S2Layout,
 ) -> torch.Tensor:
-    """Causal attention over groups. q: (b, Hq, L, D), k/v: (b, Hk, L, D), `mask`: (b, 1, L, L) bool or None
-    for plain causal. Returns (b, Hq, L, D)."""
+    """Causal attention over groups. q: (b, Hq, L, D), k/v: (b, Hk, L, D), any strides; `mask`: (b, 1, L, L)
+    bool or None for plain causal. Returns (b, Hq, L, D)."""
     if backend == "sdpa":
         return F.scaled_dot_product_attention(
             query,
@@ -210,56 +230,133 @@ def _attend(
         )
     # eager: the same maths spelled out, fp32 softmax like transformers' eager path
     n_rep = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(n_rep, dim=1)  # (b, Hq, L, D)
-    value = value.repeat_interleave(n_rep, dim=1)  # (b, Hq, L, D)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (b, Hq, L, L)
-    if mask is None:
-        length = query.shape[-2]
-        mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()  # (L, L)
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = F.dropout(probs, p=dropout, training=dropout > 0)
-    return torch.matmul(probs, value)  # (b, Hq, L, D)
+    if n_rep > 1:
+        key = key.repeat_interleave(n_rep, dim=1)  # (b, Hq, L, D)
+        value = value.repeat_interleave(n_rep, dim=1)  # (b, Hq, L, D)
+    _, heads, length, _ = query.shape
+    chunk = max(1, _EAGER_CHUNK_ELEMENTS // (heads * length * length))
+    tiles = min(_EAGER_TILES, length)
+    bounds = [length * tile // tiles for tile in range(tiles + 1)]
+    tile_sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    bias = _causal_bias(layout, length, query.dtype, query.device) if mask is None else None  # (L, L)
+    masks = [None] * query.shape[0] if mask is None else mask.split(chunk)
+    outputs = []
+    # split, not slices: the backward of a split is one cat, that of each slice a full-size zero gradient
+    for q, k, v, m in zip(query.split(chunk), key.split(chunk), value.split(chunk), masks, strict=False):
+        rows = []
+        for q_tile, top, end in zip(q.split(tile_sizes, dim=2), bounds[:-1], bounds[1:], strict=True):
+            # queries [top, end) only see the keys [0, end): the prefixes are views
+            k_seen, v_seen = k[:, :, :end], v[:, :, :end]  # (c, Hq, end, D)
+            # scale q (l x D), not the scores (l x end): the backward then has no l x end product for the scale
+            scores = torch.matmul(q_tile * scaling, k_seen.transpose(-1, -2))  # (c, Hq, l, end)
+            # masked in place: matmul keeps only its inputs, and the backward of add_ passes the gradient through
+            # unchanged (softmax gives masked entries a zero gradient anyway), so no l x end mask copy either way
+            if m is None:
+                scores.add_(bias[top:end, :end])
+            else:
+                scores.masked_fill_(~m[:, :, top:end, :end], torch.finfo(scores.dtype).min)
+            # softmax keeps its output for the backward, not its input: the scores die here
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (c, Hq, l, end)
+            del scores
+            probs = F.dropout(probs, p=dropout, training=dropout > 0)
+            rows.append(torch.matmul(probs, v_seen))  # (c, Hq, l, D)
+        outputs.append(rows[0] if len(rows) == 1 else torch.cat(rows, dim=2))  # (c, Hq, L, D)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # (b, Hq, L, D)
 
 
-def _grouped_causal(query, key, value, group: int, attend: Callable) -> torch.Tensor:
-    """Causal attention inside consecutive groups of `group` tokens; the last group may be shorter.
-    q: (B, Hq, N, D), k/v: (B, Hk, N, D). Returns (B, Hq, N, D)."""
-    batch, _, seq_len, dim = query.shape
-    if seq_len <= group:
-        return attend(query, key, value, None)
-    n_full = seq_len // group
-    full = n_full * group
-
-    def to_groups(x):  # (B, H, full, D) -> (B * n_full, H, G, D)
-        heads = x.shape[1]
-        x = x[:, :, :full].reshape(batch, heads, n_full, group, dim)  # (B, H, n, G, D)
-        return x.transpose(1, 2).reshape(batch * n_full, heads, group, dim)  # (B*n, H, G, D)
-
-    out = attend(to_groups(query), to_groups(key), to_groups(value), None)  # (B*n, Hq, G, D)
-    heads = out.shape[1]
-    out = out.reshape(batch, n_full, heads, group, dim).transpose(1, 2)  # (B, Hq, n, G, D)
-    out = out.reshape(batch, heads, full, dim)  # (B, Hq, full, D)
-    if full == seq_len:
-        return out
-    tail = attend(query[:, :, full:], key[:, :, full:], value[:, :, full:], None)  # (B, Hq, N-full, D)
-    return torch.cat([out, tail], dim=2)
+# ----------------------------------------------------------------------------------------------------------
+# regular rows (no padding, no packing): groups are views of the (B, N, H, D) projections
+#
+# The model hands q/k/v over as (B, H, N, D) views of (B, N, H, D) memory. In that token-major layout a run of m
+# whole groups, [s, s + m*G), is the view (B*m, G, H, D) (for B = 1, or when the run is the whole row), so
+# nothing is copied on the way in. Pieces are cut with one `split` per tensor (its backward is one `cat`; a
+# slice's backward would allocate a full-size zero gradient per slice) and the two halves of the heads are
+# joined by one `cat` along the heads into the (B, N, Hq, D) output, which the model's `reshape` then views.
 
 
-def _regular_half(query, key, value, group: int, shifted: bool, shift: str, attend: Callable):
-    """One half of the heads on unpadded, unpacked rows. q: (B, Hq, N, D). Returns (B, Hq, N, D)."""
-    if not shifted:
-        return _grouped_causal(query, key, value, group, attend)
+def _plan(seq_len: int, group: int, shifted: bool, shift: str) -> list[list[tuple[int, int]]]:
+    """The groups of one half of the heads, each a list of token ranges `(start, end)` in the causal order of
+    the group; together they cover [0, N) exactly once."""
     half = group // 2
-    if shift == "roll":  # the paper: roll by -G/2, attend per group, roll back by +G/2
-        rolled = [x.roll(-half, dims=2) for x in (query, key, value)]
-        return _grouped_causal(*rolled, group, attend).roll(half, dims=2)
-    # segments: [0, G/2) alone, then groups of G from G/2 on; no data moves, nothing wraps
-    head = attend(query[:, :, :half], key[:, :, :half], value[:, :, :half], None)  # (B, Hq, G/2, D)
-    if query.shape[2] <= half:
-        return head
-    rest = _grouped_causal(query[:, :, half:], key[:, :, half:], value[:, :, half:], group, attend)
-    return torch.cat([head, rest], dim=2)
+    if not shifted:
+        return [[(start, min(start + group, seq_len))] for start in range(0, seq_len, group)]
+    if shift == "segments":
+        rest = [[(start, min(start + group, seq_len))] for start in range(half, seq_len, group)]
+        return [[(0, min(half, seq_len))]] + rest
+    # roll by -G/2: rolled position p holds token (p + G/2) mod N, and a rolled group wraps at most once
+    offset, groups = half % seq_len, []
+    for rolled in range(0, seq_len, group):
+        start, end = rolled + offset, min(rolled + group, seq_len) + offset
+        if end <= seq_len:
+            groups.append([(start, end)])
+        elif start >= seq_len:
+            groups.append([(start - seq_len, end - seq_len)])
+        else:
+            groups.append([(start, seq_len), (0, end - seq_len)])
+    return groups
+
+
+def _units(plan: list[list[tuple[int, int]]], group: int) -> list[tuple[list[tuple[int, int]], int]]:
+    """Merge consecutive whole groups that are adjacent in the row into runs, each attended in one call.
+
+    Returns `(ranges, count)` pairs: a run is `([(start, start + count * G)], count)`; any other group (short,
+    or wrapped by the roll) is `(ranges, 1)`."""
+    units = []
+    for ranges in plan:
+        (start, end), whole = ranges[0], len(ranges) == 1 and ranges[0][1] - ranges[0][0] == group
+        if whole and units:
+            (last_start, last_end), count = units[-1][0][-1], units[-1][1]
+            if len(units[-1][0]) == 1 and last_end - last_start == count * group and last_end == start:
+                units[-1] = ([(last_start, end)], count + 1)
+                continue
+        units.append((ranges, 1))
+    return units
+
+
+def _attend_runs(query, key, value, count: int, attend: Callable) -> torch.Tensor:
+    """Causal attention inside `count` consecutive equal groups. q: (B, count*L, Hq, D), k/v: (B, count*L, Hk,
+    D), token-major. Returns (B, count*L, Hq, D)."""
+    batch, length, heads, dim = query.shape
+    size = length // count
+
+    def groups(x):  # a view unless B > 1 and the run is not the whole row
+        x = x.reshape(batch * count, size, x.shape[2], dim)  # (B*count, L, H, D)
+        return x.transpose(1, 2)  # (B*count, H, L, D)
+
+    out = attend(groups(query), groups(key), groups(value), None)  # (B*count, Hq, L, D)
+    # sdpa's output is (B*count, L, Hq, D) in memory, so this is a view; eager's is copied here
+    return out.transpose(1, 2).reshape(batch, length, heads, dim)  # (B, count*L, Hq, D)
+
+
+def _regular_half(query, key, value, plan: list[list[tuple[int, int]]], group: int, attend: Callable):
+    """One half of the heads on unpadded, unpacked rows. q: (B, N, Hq, D), k/v: (B, N, Hk, D), token-major
+    views. Returns (B, N, Hq, D)."""
+    units = _units(plan, group)
+    bounds = sorted({bound for ranges, _ in units for token_range in ranges for bound in token_range})
+    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    # every range of the plan is exactly one piece, cut by one split per tensor (backward: a single cat); a run
+    # over the whole row is not cut at all, since even a one-piece split copies the gradient back in its cat
+    if len(sizes) == 1:
+        pieces = [{0: x} for x in (query, key, value)]
+    else:
+        pieces = [dict(zip(bounds, x.split(sizes, dim=1), strict=False)) for x in (query, key, value)]
+    # pieces[i]: range start -> (B, n, H, D) view
+    outputs = {}
+    for ranges, count in units:
+        # a group wrapped by the roll (the row's tail, then its head: G tokens) is the only input that is copied
+        inputs = [
+            torch.cat([piece[start] for start, _ in ranges], dim=1) if len(ranges) > 1 else piece[ranges[0][0]]
+            for piece in pieces
+        ]  # (B, count*L, H, D)
+        out = _attend_runs(*inputs, count, attend)  # (B, count*L, Hq, D)
+        if len(ranges) == 1:
+            outputs[ranges[0][0]] = out
+            continue
+        lengths = [end - start for start, end in ranges]
+        for (start, _), part in zip(ranges, out.split(lengths, dim=1), strict=True):
+            outputs[start] = part  # (B, n, Hq, D)
+    parts = [outputs[start] for start in sorted(outputs)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, N, Hq, D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,9 +381,10 @@ def _segments(layout: S2Layout, offset: int) -> tuple[torch.Tensor, torch.Tensor
 def _bins(layout: S2Layout, offset: int):
     """Pack the runs, in order, into bins of G slots (a run never straddles two bins; at most 2N/G + 1 bins).
 
-    Returns `token_index` (T,), `slot` (T,) the slot of each real token in the (n_bins * G) grid, and
-    `mask` (n_bins, 1, G, G) bool: same run and causal. Empty slots attend to themselves only, so no
-    softmax row is empty; their outputs are never read."""
+    Returns `token_index` (T,), `slot` (T,) the slot of each real token in the (n_bins * G) grid, `source`
+    (n_bins * G,) the flat (B*N) token each slot reads, and `mask` (n_bins, 1, G, G) bool: same run and causal.
+    Empty slots read token 0 and attend to themselves only, so no softmax row is empty; nothing attends to them
+    and their outputs are never read."""
     group = layout.group_size
     token_index, lengths = _segments(layout, offset)
     length_list = lengths.tolist()
@@ -305,31 +403,34 @@ def _bins(layout: S2Layout, offset: int):
     slot = base[run_of_token] + rank  # (T,)
     run_of_slot = torch.full((n_bins * group,), -1, dtype=torch.long, device=device)
     run_of_slot[slot] = run_of_token
+    source = torch.zeros(n_bins * group, dtype=torch.long, device=device)
+    source[slot] = token_index
     run_of_slot = run_of_slot.view(n_bins, group)  # (n_bins, G)
     causal = torch.ones(group, group, dtype=torch.bool, device=device).tril()  # (G, G)
     same = run_of_slot[:, :, None] == run_of_slot[:, None, :]  # (n_bins, G, G)
     empty = (run_of_slot < 0)[:, :, None] & torch.eye(group, dtype=torch.bool, device=device)
     mask = ((same & causal & (run_of_slot >= 0)[:, :, None]) | empty)[:, None]  # (n_bins, 1, G, G)
-    return token_index, slot, mask
+    return token_index, slot, source, mask
 
 
 def _binned_half(query, key, value, layout: S2Layout, offset: int, attend: Callable):
-    """One half of the heads on a padded or packed batch. q: (B, Hq, N, D). Returns (B, Hq, N, D)."""
-    token_index, slot, mask = layout.cached(f"bins{offset}", partial(_bins, layout, offset))
+    """One half of the heads on a padded or packed batch. q: (B, Hq, N, D). Returns (B, N, Hq, D), zero at
+    padding."""
+    token_index, slot, source, mask = layout.cached(f"bins{offset}", partial(_bins, layout, offset))
     group = layout.group_size
     n_bins = mask.shape[0]
 
     def to_bins(x):  # (B, H, N, D) -> (n_bins, H, G, D)
         batch, heads, seq_len, dim = x.shape
-        flat = x.transpose(1, 2).reshape(batch * seq_len, heads, dim)[token_index]  # (T, H, D)
-        grid = flat.new_zeros(n_bins * group, heads, dim).index_copy(0, slot, flat)  # (n_bins*G, H, D)
+        flat = x.transpose(1, 2).reshape(batch * seq_len, heads, dim)  # (B*N, H, D), a view in the model's layout
+        grid = flat.index_select(0, source)  # (n_bins*G, H, D): one gather, no zero grid to fill
         return grid.view(n_bins, group, heads, dim).transpose(1, 2)  # (n_bins, H, G, D)
 
     out = attend(to_bins(query), to_bins(key), to_bins(value), mask)  # (n_bins, Hq, G, D)
     batch, heads, seq_len, dim = query.shape
-    out = out.transpose(1, 2).reshape(n_bins * group, heads, dim)[slot]  # (T, Hq, D)
-    full = out.new_zeros(batch * seq_len, heads, dim).index_copy(0, token_index, out)  # (B*N, Hq, D)
-    return full.view(batch, seq_len, heads, dim).transpose(1, 2)  # (B, Hq, N, D)
+    out = out.transpose(1, 2).reshape(n_bins * group, heads, dim).index_select(0, slot)  # (T, Hq, D)
+    full = out.new_zeros(batch * seq_len, heads, dim).index_copy_(0, token_index, out)  # (B*N, Hq, D)
+    return full.view(batch, seq_len, heads, dim)  # (B, N, Hq, D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,8 +438,8 @@ def _binned_half(query, key, value, layout: S2Layout, offset: int, attend: Calla
 
 
 def _flash_half(query, key, value, layout: S2Layout, shifted: bool, scaling: float, dropout: float):
-    """q: (B, Hq, N, D). Returns (B, Hq, N, D). GPU only: transformers imports flash-attn here, on first use,
-    never when the model is loaded."""
+    """q: (B, Hq, N, D). Returns (B, N, Hq, D), zero at padding. GPU only: transformers imports flash-attn here,
+    on first use, never when the model is loaded."""
     from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
 
     flash_attn_varlen_func = lazy_import_flash_attention("flash_attention_2")[0][1]
@@ -369,8 +470,8 @@ def _flash_half(query, key, value, layout: S2Layout, shifted: bool, scaling: flo
         causal=True,
     )  # (T, Hq, D)
     full = out.new_zeros(batch * seq_len, heads, dim).index_copy(0, token_index, out)  # (B*N, Hq, D)
-    full = full.view(batch, seq_len, heads, dim).transpose(1, 2)  # (B, Hq, N, D)
-    return full.roll(half, dims=2) if roll else full
+    full = full.view(batch, seq_len, heads, dim)  # (B, N, Hq, D)
+    return full.roll(half, dims=1) if roll else full
 
 
 _compiled_flex = None
@@ -421,20 +522,24 @@ def _flex_attention(query, key, value, layout: S2Layout, split: int, scaling: fl
 
 def _split_heads(query, key, value):
     """Unshifted heads first, the last Hq // 2 shifted (the paper's `chunk(2)`). Key/value heads follow their
-    query heads; when a key/value head would serve both halves (MQA, odd grouping) it is repeated."""
+    query heads; when a key/value head would serve both halves (MQA, odd grouping) it is repeated. One `split`
+    per tensor: views, whose backward is one cat (slices would each allocate a full-size zero gradient)."""
     q_heads, kv_heads = query.shape[1], key.shape[1]
     split = q_heads - q_heads // 2
     n_rep = q_heads // kv_heads
     if split % n_rep:
-        key = key.repeat_interleave(n_rep, dim=1)  # (B, Hq, N, D)
-        value = value.repeat_interleave(n_rep, dim=1)
+        # repeated in the token-major layout, so that groups stay views: (B, N, Hq, D) memory
+        key = key.transpose(1, 2).repeat_interleave(n_rep, dim=2).transpose(1, 2)  # (B, Hq, N, D)
+        value = value.transpose(1, 2).repeat_interleave(n_rep, dim=2).transpose(1, 2)  # (B, Hq, N, D)
         n_rep = 1
     kv_split = split // n_rep
-    return (
-        split,
-        (query[:, :split], key[:, :kv_split], value[:, :kv_split]),
-        (query[:, split:], key[:, kv_split:], value[:, kv_split:]),
+    plain, shifted = zip(
+        query.split([split, q_heads - split], dim=1),
+        key.split([kv_split, key.shape[1] - kv_split], dim=1),
+        value.split([kv_split, key.shape[1] - kv_split], dim=1),
+        strict=True,
     )
+    return split, plain, shifted
 
 
 def s2_attention(
@@ -450,10 +555,11 @@ def s2_attention(
 
     Args:
         query (`torch.Tensor` of shape `(B, Hq, N, D)`), key, value (`(B, Hk, N, D)`, Hq a multiple of Hk).
+            Cheapest as transposed views of `(B, N, H, D)` tensors, the way attention layers make them.
         backend (`str`): one of `S2_BACKENDS`.
 
     Returns:
-        `torch.Tensor` of shape `(B, N, Hq, D)`; padded positions are zero.
+        `torch.Tensor` of shape `(B, N, Hq, D)`, contiguous; padded positions are zero.
     """
     if backend not in S2_BACKENDS:
         raise ValueError(f"S²-Attn supports the backends {S2_BACKENDS}, got {backend!r}.")
@@ -464,22 +570,22 @@ def s2_attention(
         return _flex_attention(query, key, value, layout, split, scaling).transpose(1, 2)
 
     _, plain, shifted = _split_heads(query, key, value)
+    attend = partial(_attend, scaling=scaling, dropout=dropout, backend=backend, layout=layout)
     outputs = []
     for heads, is_shifted in ((plain, False), (shifted, True)):
         if backend == "flash_attention_2":
             out = _flash_half(*heads, layout, is_shifted, scaling, dropout)
+        elif layout.regular:
+            plan = layout.cached(
+                f"plan{is_shifted}", partial(_plan, layout.seq_len, layout.group_size, is_shifted, layout.shift)
+            )
+            token_major = (x.transpose(1, 2) for x in heads)  # (B, N, H/2, D)
+            out = _regular_half(*token_major, plan, layout.group_size, attend)
         else:
-            attend = partial(_attend, scaling=scaling, dropout=dropout, backend=backend)
-            if layout.regular:
-                out = _regular_half(*heads, layout.group_size, is_shifted, layout.shift, attend)
-            else:
-                offset = layout.group_size // 2 if is_shifted else 0
-                out = _binned_half(*heads, layout, offset, attend)
-        outputs.append(out)  # (B, Hq/2, N, D)
-    out = torch.cat(outputs, dim=1).transpose(1, 2)  # (B, N, Hq, D)
-    if not layout.regular:
-        out = out * layout.valid[:, :, None, None]
-    return out
+            out = _binned_half(*heads, layout, layout.group_size // 2 if is_shifted else 0, attend)
+        outputs.append(out)  # (B, N, Hq/2, D)
+    # one copy joins the halves; the result is contiguous, so the model's reshape to (B, N, Hq*D) is a view
+    return torch.cat(outputs, dim=2)  # (B, N, Hq, D)
 
 
 def s2_attention_forward(
