@@ -1,0 +1,349 @@
+"""Loading what an evaluation runs: the model (a LlamaLongLoRA checkpoint, a stock or merged Llama, or a base plus a
+PEFT adapter), its tokenizer, and the facts about them that a result records.
+
+Everything a user can get wrong (a missing folder, an adapter whose base cannot be found, a length beyond what the
+model's RoPE covers) raises `FileNotFoundError` or `ValueError` with a message that says how to fix it; the command
+line turns those into its error messages.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class ModelSource:
+    r"""
+    Where the weights of an evaluated model come from.
+
+    Args:
+        model (`str`):
+            The MODEL the user named (a folder or a Hub id; an adapter folder when the base comes from it).
+        base (`str`):
+            The checkpoint whose weights are loaded first.
+        adapter (`str`, *optional*):
+            A PEFT adapter folder applied on top of `base`.
+        revision (`str`, *optional*):
+            The Hub revision asked for (a branch, tag or commit).
+        base_from_adapter (`bool`, *optional*, defaults to `False`):
+            `base` was read from the adapter's `adapter_config.json` rather than named by the user.
+    """
+
+    model: str
+    base: str
+    adapter: str | None = None
+    revision: str | None = None
+    base_from_adapter: bool = False
+
+
+@dataclass
+class LoadedModel:
+    r"""
+    A model ready to evaluate, with its tokenizer and what a result should record about it.
+
+    Args:
+        model (`torch.nn.Module`):
+            The causal LM in eval mode (a `PeftModel` when an adapter was given).
+        tokenizer (`PreTrainedTokenizerBase`):
+            The tokenizer of the adapter folder when it has one, else of the base.
+        source (`ModelSource`):
+            What was loaded.
+        info (`dict[str, Any]`):
+            `model`, `adapter`, `base_model`, `revision`, `model_class`, `max_position_embeddings`, `rope`, `dtype`,
+            `device`: the model part of a result's JSON.
+    """
+
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def software_versions() -> dict[str, str | None]:
+    """The versions of the packages that decide an evaluation's numbers, for the result's JSON."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "longlora-hub"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _read_adapter_config(folder: Path) -> dict[str, Any]:
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No {ADAPTER_CONFIG} in {folder}; --adapter takes the folder of a PEFT adapter (the output of a "
+            "LongLoRA training run)."
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore it from the training run.") from None
+
+
+def _check_model_exists(name: str, what: str) -> None:
+    """A local folder must exist; anything else must at least be a valid Hub id (it is fetched when loaded)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{name} is a file; pass the folder that holds the {what}'s config.json.")
+        return
+    if not _is_repo_id(name):
+        raise FileNotFoundError(f"No {what} at {name}: it is neither a folder nor a Hugging Face Hub id.")
+
+
+def resolve_source(model: str, adapter: str | None = None, revision: str | None = None) -> ModelSource:
+    r"""
+    Work out which checkpoint to load and which adapter to apply.
+
+    `MODEL --adapter DIR` loads MODEL and applies the adapter. A MODEL that is itself an adapter folder (it holds
+    `adapter_config.json`) loads the adapter's `base_model_name_or_path` and applies MODEL.
+
+    Args:
+        model (`str`):
+            A checkpoint folder or Hub id, or an adapter folder.
+        adapter (`str`, *optional*):
+            A PEFT adapter folder to apply on `model`.
+        revision (`str`, *optional*):
+            The Hub revision of `model`.
+
+    Returns:
+        `ModelSource`: What to load.
+
+    Raises:
+        `FileNotFoundError`: If the model or the adapter folder is missing, or the adapter's base cannot be found.
+    """
+    if adapter is not None:
+        adapter_dir = Path(adapter).expanduser()
+        if not adapter_dir.is_dir():
+            raise FileNotFoundError(f"No adapter folder at {adapter}; pass the folder that holds {ADAPTER_CONFIG}.")
+        _read_adapter_config(adapter_dir)
+        _check_model_exists(model, "base model")
+        return ModelSource(model=model, base=model, adapter=str(adapter_dir), revision=revision)
+
+    folder = Path(model).expanduser()
+    if folder.is_dir() and (folder / ADAPTER_CONFIG).is_file():
+        base = _read_adapter_config(folder).get("base_model_name_or_path")
+        fix = (
+            f"Pass the base model as MODEL and the adapter with --adapter ({model}), or set base_model_name_or_path "
+            f"in {folder / ADAPTER_CONFIG} to the base checkpoint."
+        )
+        if not base:
+            raise FileNotFoundError(f"The adapter {model} does not say which base it was trained on. {fix}")
+        base_path = Path(base).expanduser()
+        if not base_path.is_dir() and (base_path.is_absolute() or base_path.exists() or not _is_repo_id(base)):
+            raise FileNotFoundError(
+                f"The base model of the adapter {model} was not found: base_model_name_or_path is {base!r} "
+                f"({ADAPTER_CONFIG}). {fix}"
+            )
+        return ModelSource(model=model, base=base, adapter=str(folder), revision=revision, base_from_adapter=True)
+
+    _check_model_exists(model, "model")
+    return ModelSource(model=model, base=model, revision=revision)
+
+
+def load_config(source: ModelSource) -> Any:
+    r"""
+    The config of the base checkpoint, without loading any weights (so length checks fail fast).
+
+    Raises:
+        `FileNotFoundError`: If the checkpoint cannot be found or downloaded.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.base, trust_remote_code=True, revision=source.revision)
+    except OSError as error:
+        if source.base_from_adapter:
+            raise FileNotFoundError(
+                f"The base model of the adapter {source.model} was not found: base_model_name_or_path is "
+                f"{source.base!r} ({ADAPTER_CONFIG}) and loading it failed ({error}). Pass the base model as MODEL and "
+                f"the adapter with --adapter {source.model}, or fix base_model_name_or_path."
+            ) from error
+        raise FileNotFoundError(
+            f"Could not load the config of {source.base!r} ({error}). Check the path or Hub id, your network and, for "
+            "a gated model, your token (`hf auth login`)."
+        ) from error
+
+
+def max_length(config: Any) -> int | None:
+    r"""
+    The longest sequence the checkpoint's RoPE is configured for, or `None` when it has no fixed limit.
+
+    `max_position_embeddings` is that limit for unscaled RoPE and for Position Interpolation (linear) and YaRN,
+    which scale to cover it; dynamic NTK rescales on the fly beyond it, so it has no limit of its own.
+    """
+    from ..rope import read_rope
+
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None or read_rope(config)["rope_type"] == "dynamic":
+        return None
+    return int(limit)
+
+
+def check_reachable(config: Any, lengths: list[int], model_name: str, option: str = "--seq-len") -> None:
+    r"""
+    Refuse lengths beyond what the model's position embeddings are configured for.
+
+    Args:
+        config (`PreTrainedConfig`):
+            The model's config.
+        lengths (`list[int]`):
+            The lengths to evaluate, in tokens.
+        model_name (`str`):
+            The model as the user named it, for the message.
+        option (`str`, *optional*, defaults to `"--seq-len"`):
+            The option that gave the lengths, for the message.
+
+    Raises:
+        `ValueError`: If a length is above `max_position_embeddings` (RoPE other than dynamic NTK); the message
+            gives the maximum and the `longlora-hub convert` command that extends the model.
+    """
+    from ..rope import describe, read_rope
+
+    limit = max_length(config)
+    too_long = [length for length in lengths if limit is not None and length > limit]
+    if not too_long:
+        return
+    longest = max(too_long)
+    raise ValueError(
+        f"{model_name} reaches at most {limit} tokens (max_position_embeddings={limit}, {describe(read_rope(config))}"
+        f"), so {option} {longest} is beyond it. Extend the model first with `longlora-hub convert {model_name} "
+        f"OUTPUT --context-length {longest}` (Position Interpolation; fine-tune it with LongLoRA afterwards), or "
+        f"evaluate at lengths up to {limit}."
+    )
+
+
+def resolve_device(device: str = "auto") -> str:
+    """`"auto"` is the first CUDA GPU when there is one, else the CPU; anything else is passed to torch as is."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """`"auto"` is bfloat16 on a GPU and float32 on the CPU (where half precision is slow or unsupported)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    """The adapter folder's tokenizer when it saved one (a LongQA run may add tokens), else the base's."""
+    from transformers import AutoTokenizer
+
+    location = source.base
+    if source.adapter and (Path(source.adapter) / "tokenizer_config.json").is_file():
+        location = source.adapter
+    try:
+        return AutoTokenizer.from_pretrained(
+            location, trust_remote_code=True, revision=None if location == source.adapter else source.revision
+        )
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"Could not load a tokenizer from {location!r} ({error}); evaluation needs the checkpoint's tokenizer "
+            "files (tokenizer.json or tokenizer.model) next to its config."
+        ) from error
+
+
+def load_model(
+    source: ModelSource,
+    device: str = "auto",
+    dtype: str = "auto",
+    attn_implementation: str | None = None,
+    tokenizer: Any | None = None,
+) -> LoadedModel:
+    r"""
+    Load a model (and its adapter) for evaluation, in eval mode, on `device`.
+
+    Args:
+        source (`ModelSource`):
+            From [`resolve_source`].
+        device (`str`, *optional*, defaults to `"auto"`):
+            `"auto"`, `"cpu"`, `"cuda"`, `"cuda:1"`, ...
+        dtype (`str`, *optional*, defaults to `"auto"`):
+            `"auto"` (bfloat16 on a GPU, float32 on the CPU), `"float32"`, `"bfloat16"` or `"float16"`.
+        attn_implementation (`str`, *optional*):
+            `"sdpa"`, `"eager"`, `"flash_attention_2"`, ...; transformers' default when unset.
+        tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            The tokenizer from [`load_tokenizer`], kept with the model; pre-tokenized data needs none.
+
+    Returns:
+        `LoadedModel`: The model, its tokenizer and the facts a result records.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from ..rope import read_rope
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict[str, Any] = {"trust_remote_code": True, "dtype": torch_dtype, "revision": source.revision}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device != "cpu":
+        kwargs["device_map"] = device  # straight onto the GPU, never a full copy in CPU memory first
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.base, **kwargs)
+    except OSError as error:
+        raise FileNotFoundError(f"Could not load the model {source.base!r} ({error}).") from error
+    if source.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.adapter, torch_device=device)
+    model.eval()
+    config = model.config
+    info = {
+        "model": source.model,
+        "adapter": source.adapter,
+        "base_model": source.base if source.adapter else None,
+        # the commit a Hub download resolved to; None for a local folder
+        "revision": source.revision or getattr(config, "_commit_hash", None),
+        "model_class": type(model.get_base_model() if source.adapter else model).__name__,
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "rope": read_rope(config),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "device": device,
+    }
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, info=info)
+
+
+__all__ = [
+    "DTYPES",
+    "LoadedModel",
+    "ModelSource",
+    "check_reachable",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "max_length",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_source",
+    "software_versions",
+]
