@@ -90,5 +90,15 @@ def convert(
     click.echo(f"Load it with AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).")
 
 
+def _add_command_groups() -> None:
+    from .cli_eval import eval_group
+    from .cli_longqa import longqa_group
+
+    main.add_command(eval_group)
+    main.add_command(longqa_group)
+
+
+_add_command_groups()
+
 if __name__ == "__main__":
     main()

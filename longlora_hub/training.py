@@ -245,9 +245,11 @@ def build_dataset(data_args: DataArguments, ll_args: LongLoRAArguments, tokenize
     )
     if ll_args.stage == "extend":
         return pack_documents(raw, tokenizer, length, data_args.text_field, data_args.keep_documents_apart)
-    return drop_too_long(
-        to_prompt_completion(raw, data_args.prompt_template, data_args.use_chat_template), tokenizer, length
-    )
+    dataset = to_prompt_completion(raw, data_args.prompt_template, data_args.use_chat_template)
+    if {"prompt", "completion", "messages"} <= set(dataset.column_names or []):
+        # the LongQA builder writes both formats; TRL would pick one by set order, which varies with the hash seed
+        dataset = dataset.remove_columns("messages")
+    return drop_too_long(dataset, tokenizer, length)
 
 
 def drop_too_long(dataset, tokenizer, length: int):
