@@ -8,6 +8,7 @@ means, and the fast implementations in `longlora_hub/remote_code/s2_attention.py
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 FILLER = (
@@ -154,3 +155,18 @@ def paper_roll_s2(
     out = out.transpose(1, 2).reshape(batch, seq_len, heads, dim)  # (B, N, H, D)
     first, second = out.chunk(2, 2)
     return torch.cat((first, second.roll(g // 2, 1)), 2)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces (memory-shape tests: no N x N mask, no N x vocab logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from longlora_hub.cli_eval import eval_group
 from longlora_hub.convert import convert_checkpoint
@@ -32,7 +31,7 @@ from longlora_hub.evaluation.perplexity import (
 )
 from longlora_hub.evaluation.report import markdown_table
 from longlora_hub.synthetic import long_documents
-from longlora_hub.testing import build_tiny_tokenizer, tiny_llama
+from longlora_hub.testing import LargestTensor, build_tiny_tokenizer, tiny_llama
 
 BASE_CONTEXT = 256  # tiny_llama's max_position_embeddings
 EXTENDED_CONTEXT = 1024
@@ -159,21 +158,6 @@ def test_protocols_on_known_losses():
     assert got["windows"] == 4 and got["scored_tokens"] == 9
     assert got["loss"] == pytest.approx(expected, abs=1e-6)
     assert got["perplexity"] == pytest.approx(np.exp(expected), rel=1e-6)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, tuple | list) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
-        return out
 
 
 def test_chunked_loss_matches_unchunked_and_never_builds_full_logits():

@@ -193,7 +193,7 @@ def test_tiny_llama_is_deterministic():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_step_builds_no_n_by_n_tensor(backend):
     """With padding, stock Llama builds a (B, 1, N, N) mask; the S² path never does."""
-    from .test_s2_attention import LargestTensor
+    from longlora_hub.testing import LargestTensor
 
     n = 1024
     _, model = pair(s2_group_size=64)

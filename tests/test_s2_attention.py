@@ -3,10 +3,9 @@ padding, packing, GQA/MQA, odd lengths; and the memory promise (no N x N tensor)
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from longlora_hub.remote_code.s2_attention import build_s2_layout, s2_attention, s2_group_size
-from longlora_hub.testing import paper_roll_s2, reference_attention, s2_reference_mask
+from longlora_hub.testing import LargestTensor, paper_roll_s2, reference_attention, s2_reference_mask
 
 CPU_BACKENDS = ["sdpa", "eager"]
 DIM = 8
@@ -154,21 +153,6 @@ def test_group_size_rules():
     with pytest.raises(ValueError, match="heads"):
         q, k, v = (t.detach() for t in qkv(1, 1, 1, 8))
         s2_attention(q, k, v, build_s2_layout(8, 1, 4), SCALE)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, tuple | list) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
-        return out
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
