@@ -26,18 +26,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _measure import (
+    PeakMemory,
+    answer,
+    environment,
+    finish_workers,
+    ratio,
+    round_robin,
+    script_command,
+    serve,
+    start_workers,
+    timing_summary,
+)
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 128  # a quarter of one Llama-2-7B attention layer (32 heads of 128)
 GROUP_RATIO = 0.25  # G = N/4, the paper's setting
@@ -103,24 +109,6 @@ def make_case(case: str, seq_len: int, device: torch.device) -> Callable[..., to
 # worker: one (N, case) in a fresh process
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark that ru_maxrss reports; False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_worker(case: str, seq_len: int, device_name: str, dtype_name: str) -> None:
     """Serve one (N, case) over stdin/stdout: "step" runs one forward+backward and answers its time, "done"
     answers the peak memory and exits. Protocol lines are JSON; anything else goes to stderr."""
@@ -148,34 +136,9 @@ def run_worker(case: str, seq_len: int, device_name: str, dtype_name: str) -> No
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    if cuda:
-        torch.cuda.synchronize(device)
-        base_bytes = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        method = "torch.cuda.max_memory_allocated - allocated after inputs"
-    else:
-        base_kib = _rss_kib()
-        method = (
-            "ru_maxrss - RSS after inputs, high-water mark reset via /proc/self/clear_refs"
-            if _reset_peak_rss()
-            else "ru_maxrss - RSS after inputs (high-water mark NOT reset: may include import peaks)"
-        )
-
-    def answer(message: dict) -> None:
-        sys.stdout.write(json.dumps(message) + "\n")
-        sys.stdout.flush()
-
-    answer({"ready": True})
-    for line in sys.stdin:
-        if line.strip() == "step":
-            answer({"time_s": step()})
-        elif line.strip() == "done":
-            break
-    if cuda:
-        peak_mib = (torch.cuda.max_memory_allocated(device) - base_bytes) / 2**20
-    else:
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) / 1024  # KiB on Linux
-    answer({"peak_mem_mib": round(peak_mib, 1), "memory_method": method, "threads": torch.get_num_threads()})
+    memory = PeakMemory(device, "after inputs")
+    serve(lambda: {"time_s": step()})
+    answer({"peak_mem_mib": memory.peak_mib(), "memory_method": memory.method, "threads": torch.get_num_threads()})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,74 +167,30 @@ def check_naive_roll() -> dict:
     }
 
 
-class Worker:
-    """A fresh process holding the inputs of one (N, case); the driver steps it when it is its turn."""
-
-    def __init__(self, case: str, seq_len: int, args: argparse.Namespace) -> None:
-        command = [sys.executable, os.path.abspath(__file__), "--worker", case, "--lengths", str(seq_len)]
-        command += ["--device", args.device, "--dtype", args.dtype]
-        self.case = case
-        self.error: str | None = None
-        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: warnings can never fill it and block
-        self.proc = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True
-        )
-
-    def _ask(self, command: str | None) -> dict | None:
-        if self.error:
-            return None
-        try:
-            if command:
-                self.proc.stdin.write(command + "\n")
-                self.proc.stdin.flush()
-            for line in self.proc.stdout:
-                if line.startswith("{"):
-                    return json.loads(line)
-        except (OSError, json.JSONDecodeError):  # a closed pipe, or a worker cut off mid-line
-            pass
-        # the worker died (out of memory, flash-attn missing, ...): keep its last words and the other cases
-        self.proc.wait()
-        self.stderr.seek(0)
-        lines = self.stderr.read().strip().splitlines()
-        self.error = lines[-1] if lines else f"worker exited with code {self.proc.returncode}"
-        return None
-
-    def ready(self) -> bool:
-        return self._ask(None) is not None
-
-    def step(self) -> float | None:
-        answer = self._ask("step")
-        return None if answer is None else answer["time_s"]
-
-    def finish(self) -> dict:
-        answer = self._ask("done") or {}
-        if self.proc.poll() is None:
-            self.proc.wait()
-        self.stderr.close()
-        return answer
+def worker_command(case: str, seq_len: int, args: argparse.Namespace) -> list[str]:
+    """This script as the worker of one (N, case)."""
+    command = script_command(__file__, "--worker", case, "--lengths", str(seq_len))
+    return command + ["--device", args.device, "--dtype", args.dtype]
 
 
 def measure_length(seq_len: int, args: argparse.Namespace) -> tuple[dict, set[str]]:
     """All cases of one N, interleaved: round 0 warms every case up, then each round steps every case once.
     Noise from the machine (other jobs, frequency changes) then lands on all cases alike instead of on
     whichever case happened to run during it, which is what keeps the ratios meaningful."""
-    workers = {case: Worker(case, seq_len, args) for case in args.cases}  # they import in parallel
-    for worker in workers.values():
-        worker.ready()
+    workers = start_workers({case: worker_command(case, seq_len, args) for case in args.cases})
     warmup: dict[str, float] = {}
     times: dict[str, list[float]] = {case: [] for case in workers}
     allowed: dict[str, int] = {}
     for round_index in range(args.repeats + 1):
-        order = list(workers)
-        order = order[round_index % len(order) :] + order[: round_index % len(order)]  # rotate: no fixed neighbour
-        for case in order:
+        for case in round_robin(list(workers), round_index):
             if round_index > allowed.get(case, args.repeats):
                 continue
             print(f"[bench] N={seq_len} round {round_index} {case}", file=sys.stderr, flush=True)
-            elapsed = workers[case].step()
-            if elapsed is None:
+            timing = workers[case].step()
+            if timing is None:
                 allowed[case] = -1
                 continue
+            elapsed = timing["time_s"]
             if round_index == 0:
                 warmup[case] = elapsed
                 slow = elapsed > args.slow_s and case not in TARGET_CASES
@@ -279,18 +198,16 @@ def measure_length(seq_len: int, args: argparse.Namespace) -> tuple[dict, set[st
             else:
                 times[case].append(elapsed)
             time.sleep(args.pause_s)  # let this worker's OpenMP threads stop spinning before the next one runs
-    cases, methods = {}, set()
+    finals, methods = finish_workers(workers)
+    cases = {}
     for case, worker in workers.items():
-        memory = worker.finish()
-        methods.add(memory.pop("memory_method", None))
+        memory = finals[case]
         memory.pop("threads", None)  # the same in every worker: reported once, in "environment"
         if worker.error or not times[case]:
             cases[case] = {"error": worker.error or "no timing"}
             continue
         cases[case] = {
-            "time_s": round(statistics.median(times[case]), 4),
-            "min_s": round(min(times[case]), 4),
-            "times_s": [round(t, 4) for t in times[case]],
+            **timing_summary(times[case], 4),
             "warmup_s": round(warmup[case], 4),
             "repeats": len(times[case]),
             **memory,
@@ -300,29 +217,7 @@ def measure_length(seq_len: int, args: argparse.Namespace) -> tuple[dict, set[st
                 f"timed {len(times[case])}x instead of {args.repeats}x to keep the run short: "
                 f"its warm-up took {warmup[case]:.1f}s > --slow-s {args.slow_s}"
             )
-    return cases, methods - {None}
-
-
-def ratio(numerator: dict | None, denominator: dict | None, key: str = "time_s") -> float | None:
-    if not numerator or not denominator or key not in numerator or key not in denominator:
-        return None
-    return round(numerator[key] / denominator[key], 3) if denominator[key] > 0 else None
-
-
-def environment(args: argparse.Namespace) -> dict:
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "device": args.device,
-        "dtype": args.dtype,
-    }
-    if args.device.startswith("cuda") and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
-    return env
+    return cases, methods
 
 
 def targets(results: dict) -> dict:
@@ -351,7 +246,7 @@ def run_driver(args: argparse.Namespace) -> dict:
 
     started = time.perf_counter()
     report = {
-        "environment": environment(args),
+        "environment": environment(args.device, args.dtype, cpu_capability=True),
         "config": {
             "batch": BATCH,
             "heads": HEADS,

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import subprocess
 import sys
 import time
+
+from _measure import PeakMemory, environment, run_json_process, script_command
 
 TARGET_MEMORY_RATIO = 0.25
 PRETRAINING_CONTEXT = 4096
@@ -67,27 +65,8 @@ def random_tokens(count: int, vocab: int):
     return np.random.default_rng(0).integers(3, vocab, size=count, dtype=np.int64)
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_worker(args: argparse.Namespace) -> dict:
     """One case in this (fresh) process; returns its JSON."""
-    import torch
-
     from longlora_hub.evaluation.perplexity import evaluate_perplexity
 
     model = build_model(args)
@@ -108,48 +87,27 @@ def run_worker(args: argparse.Namespace) -> dict:
         }
     chunk_size = args.chunk_size if kind == "memory_chunked" else None
     tokens = random_tokens(length + 1, args.vocab)  # one window
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        method = "torch.cuda.max_memory_allocated - allocated after model and data"
-    else:
-        base = _rss_kib()
-        method = (
-            "ru_maxrss - RSS after model and data, high-water mark reset via /proc/self/clear_refs"
-            if _reset_peak_rss()
-            else "ru_maxrss - RSS after model and data (high-water mark NOT reset: may include import peaks)"
-        )
+    memory = PeakMemory(args.device, "after model and data")
     result = evaluate_perplexity(model, tokens, length, chunk_size=chunk_size, **evaluate)
-    if cuda:
-        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
     return {
-        "peak_mem_mib": round(peak_mib, 1),
+        "peak_mem_mib": memory.peak_mib(),
         "chunk_size": chunk_size,
         "elapsed_s": result["elapsed_s"],
         "loss": round(result["loss"], 5),
-        "memory_method": method,
+        "memory_method": memory.method,
     }
 
 
 def run_case(case: str, args: argparse.Namespace) -> dict:
     print(f"[bench] {case}", file=sys.stderr, flush=True)
-    command = [sys.executable, os.path.abspath(__file__), "--worker", case, *args.passthrough]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode or not lines:
-        last = done.stderr.strip().splitlines()
-        return {"error": last[-1] if last else f"worker exited with code {done.returncode}"}
-    return {**json.loads(lines[-1]), "process_s": round(time.perf_counter() - started, 1)}
+    result = run_json_process(script_command(__file__, "--worker", case, *args.passthrough))
+    if "error" in result:
+        return result
+    return {**result, "process_s": round(time.perf_counter() - started, 1)}
 
 
 def run_driver(args: argparse.Namespace) -> dict:
-    import torch
-
     started = time.perf_counter()
     memory_length = args.memory_length
     cases = {f"speed@{n}": run_case(f"speed@{n}", args) for n in args.lengths}
@@ -161,15 +119,7 @@ def run_driver(args: argparse.Namespace) -> dict:
     methods = {case.pop("memory_method") for case in cases.values() if "memory_method" in case}
     logits_gib = memory_length * args.vocab * 4 / 2**30
     return {
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "device": args.device,
-            "dtype": args.dtype,
-        },
+        "environment": environment(args.device, args.dtype, gpu=False),
         "config": {
             "model": f"LlamaLongLoRA, {args.layers} layers, hidden {args.hidden}, {args.hidden // 64} heads of 64, "
             f"intermediate {args.intermediate}, vocab {args.vocab}, linear PI from {PRETRAINING_CONTEXT}, sdpa, random "

@@ -37,16 +37,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
+from _measure import (
+    PeakMemory,
+    answer,
+    environment,
+    finish_workers,
+    ratio,
+    round_robin,
+    script_command,
+    serve,
+    start_workers,
+    timing_summary,
+)
 
 BATCH, VOCAB = 1, 32000
 PRESETS = {
@@ -117,29 +124,6 @@ def build_model(case: str, args: argparse.Namespace, device: torch.device, dtype
 # worker: one case in a fresh process
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark that ru_maxrss reports; False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _answer(message: dict) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
-
-
 def run_worker(case: str, args: argparse.Namespace) -> None:
     """Serve one case over stdin/stdout: "step" runs one training step and answers its timings, "done" answers
     the peak memory and exits. Protocol lines are JSON; anything else goes to stderr."""
@@ -186,86 +170,22 @@ def run_worker(case: str, args: argparse.Namespace) -> None:
             torch.cuda.empty_cache()  # hand the step's memory back for the next worker
         return timings
 
-    sync()
-    if cuda:
-        base_bytes = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        method = "torch.cuda.max_memory_allocated - allocated once model, optimizer and inputs exist"
-    else:
-        base_kib = _rss_kib()
-        method = (
-            "ru_maxrss - RSS once model, optimizer and inputs exist, high-water mark reset via /proc/self/clear_refs"
-            if _reset_peak_rss()
-            else "ru_maxrss - RSS once model, optimizer and inputs exist (high-water mark NOT reset: may include "
-            "import and build peaks)"
-        )
-
-    _answer({"ready": True, "trainable_params": trainable, "total_params": total, "build_s": round(build_s, 1)})
-    for line in sys.stdin:
-        if line.strip() == "step":
-            _answer(step())
-        elif line.strip() == "done":
-            break
-    if cuda:
-        peak_mib = (torch.cuda.max_memory_allocated(device) - base_bytes) / 2**20
-    else:
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) / 1024  # KiB on Linux
-    _answer({"peak_mem_mib": round(peak_mib, 1), "memory_method": method})
+    memory = PeakMemory(device, "once model, optimizer and inputs exist", peaks="import and build peaks")
+    serve(step, trainable_params=trainable, total_params=total, build_s=round(build_s, 1))
+    answer({"peak_mem_mib": memory.peak_mib(), "memory_method": memory.method})
 
 
 # ----------------------------------------------------------------------------------------------------------
 # driver
 
 
-class Worker:
-    """A fresh process holding the model, optimizer and inputs of one case; the driver steps it in its turn."""
-
-    def __init__(self, case: str, args: argparse.Namespace) -> None:
-        command = [sys.executable, os.path.abspath(__file__), "--worker", case, "--length", str(args.length)]
-        command += ["--device", args.device, "--dtype", args.dtype, "--preset", args.preset, "--attn", args.attn]
-        if args.layers is not None:
-            command += ["--layers", str(args.layers)]
-        self.case = case
-        self.error: str | None = None
-        self.info: dict = {}
-        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: warnings can never fill it and block
-        self.proc = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True
-        )
-
-    def _ask(self, command: str | None) -> dict | None:
-        if self.error:
-            return None
-        try:
-            if command:
-                self.proc.stdin.write(command + "\n")
-                self.proc.stdin.flush()
-            for line in self.proc.stdout:
-                if line.startswith("{"):
-                    return json.loads(line)
-        except (OSError, json.JSONDecodeError):  # a closed pipe, or a worker cut off mid-line
-            pass
-        # the worker died (out of memory, a missing package, ...): keep its last words and the other cases
-        self.proc.wait()
-        self.stderr.seek(0)
-        lines = self.stderr.read().strip().splitlines()
-        self.error = lines[-1] if lines else f"worker exited with code {self.proc.returncode}"
-        return None
-
-    def ready(self) -> bool:
-        self.info = self._ask(None) or {}
-        self.info.pop("ready", None)
-        return not self.error
-
-    def step(self) -> dict | None:
-        return self._ask("step")
-
-    def finish(self) -> dict:
-        answer = self._ask("done") or {}
-        if self.proc.poll() is None:
-            self.proc.wait()
-        self.stderr.close()
-        return answer
+def worker_command(case: str, args: argparse.Namespace) -> list[str]:
+    """This script as the worker of one case, building the same model as every other case."""
+    command = script_command(__file__, "--worker", case, "--length", str(args.length))
+    command += ["--device", args.device, "--dtype", args.dtype, "--preset", args.preset, "--attn", args.attn]
+    if args.layers is not None:
+        command += ["--layers", str(args.layers)]
+    return command
 
 
 def plan_steps(estimate: dict[str, float], remaining: dict[str, int], seconds_left: float) -> dict[str, int]:
@@ -285,9 +205,7 @@ def measure(args: argparse.Namespace, started: float) -> tuple[dict, set[str]]:
     """All cases, interleaved: round 0 warms every case up (and creates the AdamW states), then each round steps
     every case once, in a rotating order. From the second timed round on, the steps still to come are fitted
     into --budget-s, each priced at the case's latest timed step."""
-    workers = {case: Worker(case, args) for case in args.cases}  # they import and build in parallel
-    for worker in workers.values():
-        worker.ready()
+    workers = start_workers({case: worker_command(case, args) for case in args.cases})
     warmup: dict[str, dict] = {}
     steps: dict[str, list[dict]] = {case: [] for case in workers}
     limit = dict.fromkeys(workers, args.repeats)  # timed steps a case may still reach; only ever lowered
@@ -300,9 +218,7 @@ def measure(args: argparse.Namespace, started: float) -> tuple[dict, set[str]]:
                 args.budget_s - (time.perf_counter() - started),
             )
             limit.update({case: len(steps[case]) + planned[case] for case in live})
-        order = list(workers)
-        order = order[round_index % len(order) :] + order[: round_index % len(order)]  # rotate: no fixed neighbour
-        for case in order:
+        for case in round_robin(list(workers), round_index):
             if workers[case].error or (round_index > 0 and (case not in warmup or len(steps[case]) >= limit[case])):
                 continue
             print(f"[bench] N={args.length} round {round_index} {case}", file=sys.stderr, flush=True)
@@ -314,20 +230,15 @@ def measure(args: argparse.Namespace, started: float) -> tuple[dict, set[str]]:
             else:
                 steps[case].append(timings)
             time.sleep(args.pause_s)  # let this worker's OpenMP threads stop spinning before the next one runs
-    cases, methods = {}, set()
+    finals, methods = finish_workers(workers)
+    cases = {}
     for case, worker in workers.items():
-        memory = worker.finish()
-        methods.add(memory.pop("memory_method", None))
+        memory = finals[case]
         if worker.error or not steps[case]:
             cases[case] = {"error": worker.error or "no timing"}
             continue
         times = [timings["time_s"] for timings in steps[case]]
-        result = {
-            "time_s": round(statistics.median(times), 2),
-            "min_s": round(min(times), 2),
-            "times_s": [round(t, 2) for t in times],
-            "repeats": len(times),
-        }
+        result = {**timing_summary(times, 2), "repeats": len(times)}
         phases = ("forward_s", "backward_s", "optimizer_s") + (("cpu_s",) if args.device == "cpu" else ())
         for phase in phases:
             result[phase] = round(statistics.median(timings[phase] for timings in steps[case]), 2)
@@ -341,13 +252,7 @@ def measure(args: argparse.Namespace, started: float) -> tuple[dict, set[str]]:
                 f"timed {len(times)}x instead of {args.repeats}x to keep the run within --budget-s {args.budget_s:g}"
             )
         cases[case] = result
-    return cases, methods - {None}
-
-
-def ratio(numerator: dict | None, denominator: dict | None, key: str = "time_s") -> float | None:
-    if not numerator or not denominator or key not in numerator or key not in denominator:
-        return None
-    return round(numerator[key] / denominator[key], 3) if denominator[key] > 0 else None
+    return cases, methods
 
 
 def forward_gflop(args: argparse.Namespace, group_size: int) -> dict:
@@ -365,21 +270,6 @@ def forward_gflop(args: argparse.Namespace, group_size: int) -> dict:
         "attention_full_attention": round(4 * full_pairs * hidden * layers / 1e9, 1),
         "attention_s2": round(4 * s2_pairs * hidden * layers / 1e9, 1),
     }
-
-
-def environment(args: argparse.Namespace) -> dict:
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": args.device,
-        "dtype": args.dtype,
-    }
-    if args.device.startswith("cuda") and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
-    return env
 
 
 def targets(ratios: dict, seq_len: int) -> dict:
@@ -412,7 +302,7 @@ def run_driver(args: argparse.Namespace) -> dict:
     group_size = s2_group_size(args.length, ratio=GROUP_RATIO)
     logits_mib = BATCH * args.length * VOCAB * 4 / 2**20  # the loss upcasts the logits to fp32
     report = {
-        "environment": environment(args),
+        "environment": environment(args.device, args.dtype),
         "config": {
             "preset": args.preset,
             **shape,
