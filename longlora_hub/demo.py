@@ -30,6 +30,15 @@ def load_recipe():
     return module
 
 
+def run_stage(sft, config: Path, model: Path, output: Path, steps: int) -> str:
+    """Run one recipe stage quietly; return its loss curve as text."""
+    trainer = sft.main(
+        ["--config", str(config), "--model_name_or_path", str(model), "--output_dir", str(output)]
+        + ["--max_steps", str(steps), "--logging_steps", str(max(1, steps // 5)), "--disable_tqdm", "true"]
+    )
+    return " -> ".join(f"{entry['loss']:.3f}" for entry in trainer.state.log_history if "loss" in entry)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo_output", help="folder for every checkpoint the demo writes")
@@ -49,7 +58,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{output} exists and is not empty; remove it or pass --output to another folder.")
     sft = load_recipe()
     configs = ROOT / "recipes" / "configs" / "tiny"
-    quiet = ["--disable_tqdm", "true"]
 
     # 1. a stock Llama built in code
     tokenizer = build_tiny_tokenizer()
@@ -65,27 +73,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. stage 1: context extension at 1024 tokens with S²-Attn
     say("3. stage 1 (extend): 1024-token rows of long documents, S² groups of 256, LoRA + embeddings + norms")
-    extend = sft.main(
-        ["--config", str(configs / "extend.yaml"), "--model_name_or_path", str(converted)]
-        + ["--output_dir", str(output / "extend"), "--max_steps", str(args.extend_steps)]
-        + ["--logging_steps", str(max(1, args.extend_steps // 6))]
-        + quiet
-    )
-    curve = [f"{entry['loss']:.3f}" for entry in extend.state.log_history if "loss" in entry]
-    say(f"   loss at 1024 tokens: {' -> '.join(curve)}; adapter in {output / 'extend'}")
+    curve = run_stage(sft, configs / "extend.yaml", converted, output / "extend", args.extend_steps)
+    say(f"   loss at 1024 tokens: {curve}; adapter in {output / 'extend'}")
     extended = merge_adapter(output / "extend", output / "extended")
     say(f"   merged into {extended}")
 
     # 4. stage 2: LongQA supervised fine-tuning on the extended model
     say("4. stage 2 (longqa): passkey questions over ~700-token prompts, loss on the answers only")
-    longqa = sft.main(
-        ["--config", str(configs / "longqa.yaml"), "--model_name_or_path", str(extended)]
-        + ["--output_dir", str(output / "longqa"), "--max_steps", str(args.longqa_steps)]
-        + ["--logging_steps", str(max(1, args.longqa_steps // 4))]
-        + quiet
-    )
-    curve = [f"{entry['loss']:.3f}" for entry in longqa.state.log_history if "loss" in entry]
-    say(f"   loss: {' -> '.join(curve)}; adapter in {output / 'longqa'}")
+    curve = run_stage(sft, configs / "longqa.yaml", extended, output / "longqa", args.longqa_steps)
+    say(f"   loss: {curve}; adapter in {output / 'longqa'}")
     final = merge_adapter(output / "longqa", output / "final")
     say(f"   merged into {final}")
 

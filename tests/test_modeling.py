@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from longlora_hub.testing import tiny_llama
+from longlora_hub.testing import tiny_llama, tiny_llama_config
 
 from .helpers import LINEAR_PI, assert_same_training_step, longlora_from, pair
 
@@ -136,15 +136,9 @@ def test_training_rejects_a_4d_mask():
 
 def test_s2_works_for_other_architectures_through_attn_implementation():
     """The S² function knows nothing about Llama: a Qwen2 model trains with attn_implementation="s2_sdpa"."""
-    config = Qwen2Config(
-        vocab_size=384,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    llama = tiny_llama_config()
+    config = Qwen2Config(**{key: getattr(llama, key) for key in shape}, num_key_value_heads=2)
     config.s2_group_size = 6
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
