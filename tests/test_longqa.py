@@ -664,10 +664,41 @@ def test_push_guards(tmp_path, monkeypatch, tokenizer_dir):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skip(reason="needs the local Hub test server (publishing issue)")
-def test_push_round_trip(tmp_path):
-    """Against the local Hub-compatible server: build with --synthetic, `push_longqa` to a new repo (private and
-    public), then check that `load_dataset(repo_id)` gives back exactly the rows and features of the local parquet
-    files for both splits, that the repo holds README.md (with the `configs` of the local card and the usage
-    snippet naming the repo), stats.json equal to the local one and length_histogram.png, that a second push to
-    the same repo updates it, and that a read-only token gives the 403 message."""
+def test_push_round_trip(tmp_path, tokenizer_dir, hub):
+    """Against the local Hub-compatible server (tests/hub_server.py): build with --synthetic and --push-to-hub
+    --private, then `load_dataset(repo_id)` gives back exactly the rows and features of the local parquet files for
+    both splits; the repo holds the card (the local `configs`, the usage snippet naming the repo), stats.json and
+    the histogram; a second push of another build updates it; a read-only token gets the 403 message."""
+    from datasets import load_dataset
+
+    output = tmp_path / "out"
+    args = ["build", "-o", str(output), "--synthetic", "20", "--tokenizer", tokenizer_dir, "--seed", "1"]
+    result = CliRunner().invoke(longqa_group, [*args, "--push-to-hub", "me/longqa", "--private"])
+    assert result.exit_code == 0, result.output
+    repo = hub.server.repo("me/longqa", repo_type="dataset")
+    assert repo.private
+    files = repo.files("main")
+    assert {"README.md", "stats.json", "length_histogram.png"} <= set(files)
+    card = files["README.md"].decode()
+    assert "configs:" in card and "me/longqa" in card
+    assert json.loads(files["stats.json"]) == json.loads(
+        json.dumps(public_stats(json.loads((output / "stats.json").read_text())))
+    )
+    pulled = load_dataset("me/longqa")
+    local = _rows(output)
+    assert set(pulled) == set(local) == {"train", "validation"}
+    for split, rows in local.items():
+        assert pulled[split].to_list() == rows
+    assert pulled["train"].features == output_features()
+
+    # another build pushed to the same repository replaces its rows
+    other = tmp_path / "other"
+    assert CliRunner().invoke(longqa_group, ["build", "-o", str(other), "--synthetic", "12", "--tokenizer",
+                                             tokenizer_dir, "--seed", "2"]).exit_code == 0  # fmt: skip
+    commits = len(hub.server.repo("me/longqa", repo_type="dataset").commits)
+    assert push_longqa(other, "me/longqa").endswith("/datasets/me/longqa")
+    assert len(hub.server.repo("me/longqa", repo_type="dataset").commits) > commits
+    again = load_dataset("me/longqa", download_mode="force_redownload")
+    assert sum(len(split) for split in again.values()) == 12
+    with pytest.raises(LongQAPushError, match=r"\(403\)"):
+        push_longqa(other, "me/longqa", token=hub.read_token)

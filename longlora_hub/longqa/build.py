@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from ..data import DEFAULT_TEMPLATE
+from ..hub import HubPushError, hub_errors, hub_failure
+from ..hub import check_hub_access as _check_hub_access
 from .card import HISTOGRAM_FILE, built_at, public_stats, render_card, save_length_histogram
 from .process import (
     DEFAULT_NEAR_DUP_THRESHOLD,
@@ -643,71 +645,13 @@ def format_summary(stats: dict[str, Any], output: Path | str) -> str:
     return "\n".join(lines)
 
 
-class LongQAPushError(RuntimeError):
-    """The Hub push cannot proceed: no token, an unreachable Hub, or a refused upload."""
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level error classes of the HTTP client huggingface_hub uses (its name varies by version)."""
-    errors: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
-    for module_name in ("httpx2", "httpx", "requests"):
-        try:
-            module = __import__(module_name)
-        except ImportError:
-            continue
-        for name in ("TransportError", "ConnectionError", "Timeout"):
-            error = getattr(module, name, None)
-            if isinstance(error, type) and issubclass(error, BaseException):
-                errors.append(error)
-    return tuple(errors)
-
-
-def _hub_failure(error: BaseException, endpoint: str, action: str) -> LongQAPushError:
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if isinstance(error, HfHubHTTPError):
-        status = getattr(getattr(error, "response", None), "status_code", None)
-        if status == 401:
-            return LongQAPushError(
-                f"The Hub at {endpoint} rejected the token while trying to {action} (401). Log in again with "
-                "`hf auth login` or set a valid HF_TOKEN."
-            )
-        if status == 403:
-            return LongQAPushError(
-                f"The token may not write there (403) while trying to {action}: use a token with write access."
-            )
-        return LongQAPushError(f"The Hub at {endpoint} refused to {action}: {error}")
-    return LongQAPushError(
-        f"Cannot reach the Hub at {endpoint} to {action} ({type(error).__name__}: {error}). Check the network, or "
-        "HF_ENDPOINT if you use another Hub server."
-    )
+# the LongQA push raises the shared Hub error; the old name stays importable
+LongQAPushError = HubPushError
 
 
 def check_hub_access(token: str | None = None, endpoint: str | None = None) -> str:
-    r"""
-    Check, before a build, that a push can work: a token is there and the Hub answers to it.
-
-    Returns:
-        `str`: The token to push with.
-
-    Raises:
-        `LongQAPushError`: No token, the token is refused, or the Hub cannot be reached.
-    """
-    from huggingface_hub import HfApi, constants, get_token
-    from huggingface_hub.errors import HfHubHTTPError
-
-    endpoint = endpoint or constants.ENDPOINT
-    token = token or get_token()
-    if not token:
-        raise LongQAPushError(
-            "No Hugging Face token found, so nothing can be pushed: run `hf auth login` or set HF_TOKEN (a token "
-            "with write access), or build without --push-to-hub."
-        )
-    try:
-        HfApi(endpoint=endpoint, token=token).whoami()
-    except (HfHubHTTPError, *_transport_errors()) as error:
-        raise _hub_failure(error, endpoint, "check the token") from error
-    return token
+    """The shared token check, with the LongQA builder's way out when there is no token."""
+    return _check_hub_access(token, endpoint, no_token_hint=", or build without --push-to-hub")
 
 
 def push_longqa(
@@ -735,7 +679,6 @@ def push_longqa(
         `str`: The dataset's URL.
     """
     from huggingface_hub import CommitOperationAdd, HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError
 
     from datasets import load_dataset
 
@@ -753,8 +696,8 @@ def push_longqa(
         dataset = load_dataset("parquet", data_files=files, cache_dir=cache)
         try:
             dataset.push_to_hub(repo_id, private=private, token=token, commit_message="LongQA data (longlora-hub)")
-        except (HfHubHTTPError, *_transport_errors()) as error:
-            raise _hub_failure(error, endpoint, f"push to {repo_id}") from error
+        except hub_errors() as error:
+            raise hub_failure(error, endpoint, f"push to {repo_id}") from error
     try:
         card = (output / "README.md").read_bytes()
         if stats["config"].get("repo_id") != repo_id and not stats["config"].get("card_template"):
@@ -774,8 +717,8 @@ def push_longqa(
             commit_message="LongQA dataset card, stats and length histogram",
             repo_type="dataset",
         )
-    except (HfHubHTTPError, *_transport_errors()) as error:
-        raise _hub_failure(error, endpoint, f"push to {repo_id}") from error
+    except hub_errors() as error:
+        raise hub_failure(error, endpoint, f"push to {repo_id}") from error
     return f"{endpoint.rstrip('/')}/datasets/{repo_id}"
 
 
