@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from .remote_code.configuration_llama_longlora import LlamaLongLoRAConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "llama_longlora")
+# where a checkpoint we write records what it came from (the Hub id of the pretrained base, how it was made), so
+# that a model card written later can name the base even when training only saw a local copy
+PROVENANCE_FILE = "longlora_hub.json"
 REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
@@ -71,8 +74,37 @@ def _check_s2_settings(group_size_ratio: float, group_size: int | None) -> None:
         )
 
 
-def _resolve_base(base: str) -> Path:
+def read_provenance(folder: str | Path) -> dict[str, Any]:
+    """What `folder` records of its origin (`base_model`, ...): its provenance file, else nothing known."""
+    path = Path(folder) / PROVENANCE_FILE
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def read_license(folder: str | Path) -> str | None:
+    """The license a checkpoint folder declares: its provenance record, else its README's YAML `license`."""
+    known = read_provenance(folder).get("license")
+    readme = Path(folder) / "README.md"
+    if known or not readme.is_file():
+        return known
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        return (metadata_load(readme) or {}).get("license")
+    except Exception:  # a YAML error in someone else's card must not stop a conversion
+        return None
+
+
+def is_local(name: str | Path) -> bool:
+    return Path(name).expanduser().exists()
+
+
+def resolve_checkpoint(base: str | Path, revision: str | None = None) -> Path:
     """A local folder as is; anything else that is a valid Hub repo id is downloaded (config, weights, tokenizer)."""
+    base = str(base)
     local = Path(base).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -92,7 +124,9 @@ def _resolve_base(base: str) -> Path:
     try:
         return Path(
             snapshot_download(
-                base, allow_patterns=["config.json", *WEIGHT_PATTERNS, *TOKENIZER_PATTERNS, *OTHER_PATTERNS]
+                base,
+                revision=revision,
+                allow_patterns=["config.json", PROVENANCE_FILE, *WEIGHT_PATTERNS, *TOKENIZER_PATTERNS, *OTHER_PATTERNS],
             )
         )
     except Exception as error:  # network, auth, missing repo: all end the same way for the user
@@ -192,6 +226,7 @@ def convert_checkpoint(
     rope_type: str = "linear",
     ceil: bool = False,
     link_weights: bool = False,
+    base_model: str | None = None,
 ) -> Path:
     r"""
     Convert a Llama checkpoint into a LlamaLongLoRA checkpoint extended to `context_length` tokens.
@@ -219,6 +254,9 @@ def convert_checkpoint(
         link_weights (`bool`, *optional*, defaults to `False`):
             Symlink the weight files instead of copying them (the training recipe's on-the-fly conversion: no
             extra disk, but the output then depends on the base staying where it is).
+        base_model (`str`, *optional*):
+            The Hub id the base came from, recorded in the output's `longlora_hub.json` for model cards; defaults
+            to `base` when that is a Hub id, else to what the base folder itself records.
 
     Returns:
         `Path`: The output folder.
@@ -235,7 +273,7 @@ def convert_checkpoint(
     local_base = Path(base).expanduser()
     if local_base.exists():
         _check_output(output, local_base)  # before any download or work
-    base_folder = _resolve_base(str(base))
+    base_folder = resolve_checkpoint(base)
     _check_output(output, base_folder)
     config_path = base_folder / "config.json"
     if not config_path.is_file():
@@ -268,8 +306,13 @@ def convert_checkpoint(
     # `tempfile.mkdtemp` so the folder gets the user's usual permissions, not 0700
     staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.partial"
     staging.mkdir()
+    provenance = read_provenance(base_folder)
+    provenance["base_model"] = base_model or (None if is_local(base) else str(base)) or provenance.get("base_model")
+    provenance["kind"] = "converted"
+    provenance["license"] = provenance.get("license") or read_license(base_folder)
     try:
         config.save_pretrained(staging)
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
         for path in remote_code_files():
             shutil.copyfile(path, staging / path.name)
         for path in files:
@@ -286,4 +329,12 @@ def convert_checkpoint(
     return output
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "build_config", "convert_checkpoint", "remote_code_files"]
+__all__ = [
+    "PROVENANCE_FILE",
+    "SUPPORTED_MODEL_TYPES",
+    "build_config",
+    "convert_checkpoint",
+    "read_provenance",
+    "remote_code_files",
+    "resolve_checkpoint",
+]

@@ -1,45 +1,394 @@
-"""Merge a LongLoRA adapter (LoRA + trained embeddings and norms) into its base, as a LlamaLongLoRA checkpoint.
+"""Merge a LongLoRA adapter (LoRA + trained embeddings and norms) into its base, streamed tensor by tensor.
 
-This first version loads the whole model (fine for the tiny demo and small models); the streamed,
-shard-by-shard merge and the `longlora-hub merge` command build on it.
+The base's safetensors files are read one tensor at a time (`readinto`, no memory map), the LoRA delta
+`scale · B @ A` is added in fp32 where the adapter has one, a trained module (`modules_to_save`: embeddings, norms)
+replaces the base's tensor, and the result is cast and appended to the output shard at once. Peak memory is the
+adapter plus about one tensor (the largest, in fp32), whatever the model's size: a 70B merge fits a workstation.
+
+The output is a complete checkpoint: safetensors shards (with an index when there are several), `config.json`
+with the base's RoPE (Position Interpolation in `rope_parameters` and the legacy `rope_scaling`/`rope_theta`), the
+tokenizer and generation config, and either the LlamaLongLoRA remote code (`architecture="llama_longlora"`: S²
+training can continue) or a stock Llama config (`architecture="llama"`: any engine loads it without
+`trust_remote_code`; inference uses standard attention either way).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import torch
+
+from .convert import (
+    OTHER_PATTERNS,
+    PROVENANCE_FILE,
+    TOKENIZER_PATTERNS,
+    build_config,
+    read_license,
+    read_provenance,
+    remote_code_files,
+    resolve_checkpoint,
+)
+from .rope import legacy_rope_fields, read_rope
+from .shards import ShardWriter, TensorEntry, read_header, read_tensor, tensor_nbytes
+
+ARCHITECTURES = ("llama_longlora", "llama")
+RUN_RECORD_KEYS = (
+    "base_model",
+    "base_revision",
+    "stage",
+    "datasets",
+    "data",
+    "context_length",
+    "trainable",
+    "s2",
+    "training",
+)
+DTYPE_CHOICES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3  # the Hub's recommendation: files a browser and git-lfs handle well
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# config keys that only LlamaLongLoRA understands; a stock Llama config must not carry them
+LONGLORA_CONFIG_KEYS = ("auto_map", "s2_attention", "s2_group_size_ratio", "s2_group_size", "s2_shift")
 
 
-def merge_adapter(adapter: str | Path, output: str | Path, base: str | Path | None = None) -> Path:
+class MergeError(ValueError):
+    """The adapter and the base do not fit together, or an input is not what a merge needs."""
+
+
+@dataclass
+class LoraDelta:
+    """One LoRA pair: the base weight gains `scale * B @ A` (transposed for embeddings and fan-in-fan-out)."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+    transpose: bool
+
+    def delta(self) -> torch.Tensor:
+        product = self.lora_b.float() @ self.lora_a.float()  # (out, r) @ (r, in) -> (out, in)
+        return (product.T if self.transpose else product) * self.scale
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter, keyed by the names of the base's tensors it changes."""
+
+    folder: Path
+    config: dict[str, Any]
+    deltas: dict[str, LoraDelta] = field(default_factory=dict)
+    replacements: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> set[str]:
+        return set(self.deltas) | set(self.replacements)
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's `rank_pattern`/`alpha_pattern` lookup: a key matches a module name exactly, as a suffix after a dot,
+    or as a regular expression over the name."""
+    for pattern, value in patterns.items():
+        if module == pattern or module.endswith("." + pattern) or re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
+            return value
+    return default
+
+
+def _adapter_state(folder: Path) -> dict[str, torch.Tensor]:
+    for name in ADAPTER_WEIGHTS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(
+        f"No adapter weights ({' or '.join(ADAPTER_WEIGHTS)}) in {folder}; pass the folder the trainer saved."
+    )
+
+
+def load_adapter(folder: str | Path) -> Adapter:
     r"""
-    Merge `adapter` into its base model and save the result to `output`.
+    Read a PEFT LoRA adapter folder into the changes it makes to its base's tensors.
+
+    Raises:
+        `FileNotFoundError`: No `adapter_config.json` or adapter weights in the folder.
+        `MergeError`: Not a LoRA adapter, or one with parts a plain merge cannot express (DoRA, LoRA biases,
+            trainable token indices).
+    """
+    folder = Path(folder).expanduser()
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        hint = " (a trainer output keeps its final adapter at the top)" if any(folder.glob("checkpoint-*")) else ""
+        raise FileNotFoundError(f"No adapter_config.json in {folder}; pass a PEFT adapter folder{hint}.")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise MergeError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA adapters can be merged.")
+    for unsupported, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases"), ("trainable_token_indices", "")):
+        if config.get(unsupported):
+            raise MergeError(
+                f"{folder} uses {what or unsupported}, which this merge does not support; merge it with PEFT's "
+                "`merge_and_unload()` instead."
+            )
+    adapter = Adapter(folder, config)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in _adapter_state(folder).items():
+        name = key.removeprefix(PEFT_PREFIX)
+        match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)", name)
+        if match:
+            module = match.group(1) or match.group(3)
+            part = match.group(2) or match.group(4)
+            pairs.setdefault(module, {})[part] = tensor
+        elif ".lora_" in name or "lora_magnitude" in name:
+            raise MergeError(f"{folder}: adapter tensor {key!r} is of a kind this merge does not know.")
+        else:  # a module trained in full (modules_to_save): its tensor replaces the base's
+            adapter.replacements[name] = tensor
+    for module, parts in pairs.items():
+        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        if a_name not in parts or b_name not in parts:
+            raise MergeError(f"{folder}: the LoRA pair of {module} is incomplete; the adapter file is damaged.")
+        lora_a, lora_b = parts[a_name], parts[b_name]
+        rank = lora_a.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scale = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
+        transpose = embedding or bool(config.get("fan_in_fan_out"))
+        adapter.deltas[f"{module}.weight"] = LoraDelta(lora_a, lora_b, float(scale), transpose)
+    return adapter
+
+
+def _base_files(folder: Path) -> list[Path]:
+    """The base's safetensors files, in index order."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [folder / name for name in dict.fromkeys(weight_map.values())]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(folder.glob("*.bin")):
+        raise MergeError(
+            f"The base at {folder} has PyTorch .bin weights; the streamed merge reads safetensors. Convert the base "
+            "once with `AutoModelForCausalLM.from_pretrained(base).save_pretrained(new_folder)` and pass --base."
+        )
+    raise FileNotFoundError(f"No model.safetensors or {SAFETENSORS_INDEX} in {folder}; pass a complete checkpoint.")
+
+
+def _plan_shards(
+    entries: list[tuple[Path, TensorEntry]], dtype: torch.dtype | None, max_shard_size: int
+) -> list[list[tuple[Path, TensorEntry, torch.dtype]]]:
+    """Group the tensors, in base order, into output shards of at most `max_shard_size` bytes (a tensor larger
+    than that gets a shard of its own)."""
+    shards: list[list[tuple[Path, TensorEntry, torch.dtype]]] = [[]]
+    size = 0
+    for path, entry in entries:
+        out_dtype = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
+        nbytes = tensor_nbytes(entry.shape, out_dtype)
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((path, entry, out_dtype))
+        size += nbytes
+    return shards
+
+
+def _shard_name(index: int, count: int) -> str:
+    return "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def _merged(name: str, tensor: torch.Tensor, adapter: Adapter, out_dtype: torch.dtype) -> torch.Tensor:
+    if name in adapter.replacements:
+        trained = adapter.replacements[name]
+        if trained.shape != tensor.shape:
+            raise MergeError(
+                f"The adapter's {name} has shape {tuple(trained.shape)} but the base's is {tuple(tensor.shape)}: "
+                "the adapter was trained on another base (or a resized vocabulary). Pass the right --base."
+            )
+        return trained.to(out_dtype)
+    if name in adapter.deltas:
+        delta = adapter.deltas[name].delta()
+        if delta.shape != tensor.shape:
+            raise MergeError(
+                f"The adapter's LoRA for {name} gives shape {tuple(delta.shape)} but the base's is "
+                f"{tuple(tensor.shape)}: the adapter was trained on another base. Pass the right --base."
+            )
+        return (tensor.float() + delta).to(out_dtype)
+    return tensor.to(out_dtype)
+
+
+def _write_config(
+    base_folder: Path, staging: Path, architecture: str, dtype: torch.dtype | None, base_dtype: torch.dtype | None
+) -> dict[str, Any]:
+    config_dict = json.loads((base_folder / "config.json").read_text(encoding="utf-8"))
+    if config_dict.get("model_type") not in ("llama", "llama_longlora"):
+        raise MergeError(
+            f"The base at {base_folder} is a {config_dict.get('model_type')!r} model; this merge writes Llama-family "
+            "checkpoints."
+        )
+    dtype_name = str(dtype or base_dtype or torch.float32).removeprefix("torch.")
+    config_dict.pop("torch_dtype", None)
+    config_dict["dtype"] = dtype_name
+    if architecture == "llama_longlora":
+        config = build_config(
+            config_dict,
+            None,  # the base's RoPE and context, as trained
+            group_size_ratio=config_dict.get("s2_group_size_ratio", 0.25),
+            group_size=config_dict.get("s2_group_size"),
+        )
+        config.save_pretrained(staging)
+        for path in remote_code_files():
+            shutil.copyfile(path, staging / path.name)
+    else:
+        from transformers import LlamaConfig
+
+        dropped = (*LONGLORA_CONFIG_KEYS, "transformers_version", "_name_or_path", "rope_scaling", "rope_theta")
+        values = {key: value for key, value in config_dict.items() if key not in dropped}
+        rope = read_rope(config_dict)  # one clean RoPE, whichever forms the base's config.json used
+        rope.pop("original_max_position_embeddings", None)
+        values.update(model_type="llama", architectures=["LlamaForCausalLM"], rope_parameters=rope)
+        LlamaConfig(**values).save_pretrained(staging)
+        written = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+        written.update(legacy_rope_fields(written.get("rope_parameters") or {}))
+        (staging / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return json.loads((staging / "config.json").read_text(encoding="utf-8"))
+
+
+def _copy_side_files(adapter: Adapter, base_folder: Path, staging: Path) -> None:
+    """Tokenizer (the adapter's when the trainer saved one there, else the base's) and generation config."""
+    adapter_has_tokenizer = (adapter.folder / "tokenizer_config.json").is_file()
+    tokenizer_source = adapter.folder if adapter_has_tokenizer else base_folder
+    for pattern in TOKENIZER_PATTERNS:
+        for path in tokenizer_source.glob(pattern):
+            shutil.copyfile(path, staging / path.name)
+    for pattern in OTHER_PATTERNS:
+        for path in base_folder.glob(pattern):
+            if path.is_file() and not path.name.startswith("README"):  # the base's card describes the base
+                shutil.copyfile(path, staging / path.name)
+
+
+def merge_adapter(
+    adapter: str | Path,
+    output: str | Path,
+    base: str | Path | None = None,
+    architecture: str = "llama_longlora",
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    r"""
+    Merge `adapter` into its base model and save the result to `output`, streamed tensor by tensor.
 
     Args:
-        adapter (`str` or `Path`): A PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
-        output (`str` or `Path`): A new or empty folder.
-        base (`str` or `Path`, *optional*): The base checkpoint; defaults to the adapter's
-            `base_model_name_or_path`.
+        adapter (`str` or `Path`):
+            A PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`), e.g. a recipe's
+            `output_dir`.
+        output (`str` or `Path`):
+            A new or empty folder. It is written under a temporary name and renamed at the end, so a failure
+            leaves nothing behind.
+        base (`str` or `Path`, *optional*):
+            The base checkpoint (a folder or a Hub id); defaults to the adapter's `base_model_name_or_path`.
+        architecture (`str`, *optional*, defaults to `"llama_longlora"`):
+            `"llama_longlora"` keeps LlamaLongLoRA and its remote code; `"llama"` writes a stock Llama config.
+        dtype (`str` or `torch.dtype`, *optional*):
+            `"bfloat16"`, `"float16"` or `"float32"` for the floating-point tensors; defaults to the base's.
+        max_shard_size (`int`, *optional*, defaults to 5 GiB):
+            Largest output shard in bytes.
 
     Returns:
-        `Path`: `output`, holding the merged weights, config (with its RoPE scaling and `auto_map`), the
-        remote-code files, tokenizer and generation config.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        `Path`: `output`.
 
-    adapter, output = Path(adapter), Path(output)
-    config_path = adapter / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"No adapter_config.json in {adapter}; pass a PEFT adapter folder.")
-    if output.exists() and any(output.iterdir()):
+    Raises:
+        `FileNotFoundError`: A missing adapter, base or weights file.
+        `FileExistsError`: `output` exists and is not empty.
+        `MergeError`: The adapter does not fit the base, or an argument is invalid.
+    """
+    if architecture not in ARCHITECTURES:
+        raise MergeError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}.")
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_CHOICES:
+            raise MergeError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}.")
+        dtype = DTYPE_CHOICES[dtype]
+    if max_shard_size < 1:
+        raise MergeError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}.")
+    output = Path(output).expanduser()
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output} exists and is not empty; pass a new folder (nothing is overwritten).")
-    base = base or json.loads(config_path.read_text())["base_model_name_or_path"]
-    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True, dtype="auto")
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    merged.save_pretrained(output)
-    tokenizer_source = adapter if (adapter / "tokenizer_config.json").exists() else base
-    AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=True).save_pretrained(output)
+    lora = load_adapter(adapter)
+    base_name = str(base or lora.config.get("base_model_name_or_path") or "")
+    if not base_name:
+        raise MergeError(f"{lora.folder}/adapter_config.json names no base model; pass --base.")
+    base_folder = resolve_checkpoint(base_name, revision=None if base else lora.config.get("revision"))
+    if output.resolve() in (base_folder.resolve(), lora.folder.resolve()):
+        raise MergeError(f"The output folder {output} is an input; pass a new folder.")
+
+    files = _base_files(base_folder)
+    entries = [(path, entry) for path in files for entry in read_header(path)[0]]
+    names = {entry.name for _, entry in entries}
+    unknown = sorted(lora.targets - names)
+    if unknown:
+        raise MergeError(
+            f"The adapter changes {len(unknown)} tensors the base at {base_folder} does not have (e.g. {unknown[0]}): "
+            "it was trained on another architecture. Pass the right --base."
+        )
+    floating = [entry.dtype for _, entry in entries if entry.dtype.is_floating_point]
+    base_dtype = max(set(floating), key=floating.count) if floating else None
+    shards = _plan_shards(entries, dtype, max_shard_size)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.partial"
+    staging.mkdir()
+    try:
+        weight_map: dict[str, str] = {}
+        total = 0
+        with ExitStack() as stack:
+            handles = {path: stack.enter_context(path.open("rb")) for path in files}
+            for index, shard in enumerate(shards):
+                shard_name = _shard_name(index, len(shards))
+                writer = ShardWriter(staging / shard_name, [(e.name, e.shape, d) for _, e, d in shard])
+                try:
+                    for path, entry, out_dtype in shard:
+                        tensor = _merged(entry.name, read_tensor(handles[path], entry), lora, out_dtype)
+                        writer.write(entry.name, tensor)
+                        weight_map[entry.name] = shard_name
+                        total += tensor.numel() * tensor.element_size()
+                        del tensor
+                except BaseException:
+                    writer.abort()
+                    raise
+                writer.close()
+        if len(shards) > 1:
+            index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (staging / SAFETENSORS_INDEX).write_text(json.dumps(index_json, indent=2) + "\n", encoding="utf-8")
+        _write_config(base_folder, staging, architecture, dtype, base_dtype)
+        _copy_side_files(lora, base_folder, staging)
+        provenance = read_provenance(base_folder)
+        provenance["license"] = read_license(base_folder)
+        trained = read_provenance(lora.folder)  # how the adapter was trained, for the merged model's card
+        provenance.update({key: trained[key] for key in RUN_RECORD_KEYS if trained.get(key) is not None})
+        if (lora.folder / "trainer_state.json").is_file():
+            shutil.copyfile(lora.folder / "trainer_state.json", staging / "trainer_state.json")
+        provenance.update(
+            kind="merged",
+            adapter=str(adapter),
+            architecture=architecture,
+            adapter_config={key: lora.config.get(key) for key in ("r", "lora_alpha", "target_modules")},
+            modules_to_save=lora.config.get("modules_to_save") or [],
+        )
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+        if output.exists():
+            output.rmdir()
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return output
 
 
-__all__ = ["merge_adapter"]
+__all__ = ["ARCHITECTURES", "DTYPE_CHOICES", "MergeError", "load_adapter", "merge_adapter"]

@@ -243,6 +243,23 @@ def apply_to_config(config: Any, target_length: int, rope_type: str = "linear", 
     return result
 
 
+def legacy_rope_fields(rope_parameters: Mapping[str, Any]) -> dict[str, Any]:
+    r"""
+    The transformers 4.x form of a RoPE: `rope_theta` and, when scaled, `rope_scaling` (with the old `type` key).
+
+    5.x writes only `rope_parameters`; a 4.x reader would silently drop the scaling without these. 5.x lets
+    `rope_scaling` win when both are present, so it must say the same as `rope_parameters`.
+    """
+    fields: dict[str, Any] = {}
+    if "rope_theta" in rope_parameters:
+        fields["rope_theta"] = rope_parameters["rope_theta"]
+    rope_type = rope_parameters.get("rope_type", "default")
+    if rope_type != "default":
+        scaling = {key: value for key, value in rope_parameters.items() if key != "rope_theta"}
+        fields["rope_scaling"] = {"type": rope_type, **scaling}
+    return fields
+
+
 def describe(rope: Mapping[str, Any]) -> str:
     """A one-line, human-readable summary of a [`read_rope`] dict, e.g. `"linear RoPE, factor 8"`."""
     if rope["rope_type"] == "default":
@@ -254,6 +271,7 @@ __all__ = [
     "EXTENSION_ROPE_TYPES",
     "apply_to_config",
     "describe",
+    "legacy_rope_fields",
     "original_context_length",
     "position_interpolation",
     "read_rope",

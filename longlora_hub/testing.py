@@ -170,3 +170,72 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(tensor, torch.Tensor):
                 self.largest = max(self.largest, tensor.numel())
         return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a sharded base and a trained-looking adapter, for merge tests and the merge benchmark
+
+
+def _save_in_shards(model, folder, num_shards: int, total: int) -> None:
+    """Save `model` in exactly `num_shards` safetensors files of about equal size (cut where the running total
+    passes each k/num_shards of the whole), with an index, like `save_pretrained` would lay them out."""
+    import json
+    from pathlib import Path
+
+    from .shards import ShardWriter
+
+    folder = Path(folder)
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    groups: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(num_shards)]
+    running = 0
+    for name, tensor in model.state_dict().items():
+        groups[min(num_shards - 1, running * num_shards // total)].append((name, tensor))
+        running += tensor.numel() * tensor.element_size()
+    weight_map = {}
+    for index, group in enumerate(group for group in groups if group):
+        shard = f"model-{index + 1:05d}-of-{num_shards:05d}.safetensors"
+        writer = ShardWriter(folder / shard, [(name, tuple(tensor.shape), tensor.dtype) for name, tensor in group])
+        for name, tensor in group:
+            writer.write(name, tensor)
+            weight_map[name] = shard
+        writer.close()
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+
+
+def sharded_base_and_adapter(folder, num_shards: int = 8, seed: int = 0, **config_overrides):
+    r"""
+    Save a random Llama base split into about `num_shards` safetensors shards, and a `lora_plus` PEFT adapter for
+    it whose LoRA B matrices, embeddings and norms are all changed (so every kind of merge step has an effect).
+
+    Returns:
+        `tuple[Path, Path]`: The base folder and the adapter folder (its config names the base folder).
+    """
+    from pathlib import Path
+
+    from peft import get_peft_model
+
+    from .trainable import lora_config
+
+    folder = Path(folder)
+    model = tiny_llama(seed, **config_overrides)
+    total = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    base = folder / "base"
+    _save_in_shards(model, base, num_shards, total)
+    build_tiny_tokenizer(model.config.vocab_size).save_pretrained(base)
+    peft_model = get_peft_model(model, lora_config("lora_plus"))
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:  # LoRA A and B, and the trainable copies of the embeddings and norms
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    adapter = folder / "adapter"
+    peft_model.save_pretrained(adapter)
+    config_path = adapter / "adapter_config.json"
+    import json
+
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = str(base)
+    config_path.write_text(json.dumps(config, indent=2))
+    return base, adapter

@@ -201,7 +201,55 @@ def prepare_base(model_args: ModelArguments, ll_args: LongLoRAArguments, output_
         rope_type=model_args.rope_type,
         ceil=model_args.rope_ceil,
         link_weights=True,
+        base_model=None if local.resolve() == Path(source).resolve() else source,
     )
+
+
+def write_run_record(output_dir: str | Path, base: Path, model_args, ll_args, data_args, training_args) -> Path:
+    """Record in `output_dir/longlora_hub.json` what the saved model is and how it was trained, for the model card
+    `longlora-hub push` writes: the base's Hub id (a local `base` folder records it itself), the stage, data,
+    context, S² settings and the main hyperparameters. Deterministic: no timestamps, so re-pushing an unchanged
+    run changes nothing on the Hub."""
+    from .convert import PROVENANCE_FILE, read_provenance
+
+    source = model_args.model_name_or_path
+    hub_source = None if source.startswith("builtin:") or Path(source).expanduser().exists() else source
+    dataset = data_args.dataset_name
+    record = {
+        "kind": "full" if ll_args.trainable == "full" else "adapter",
+        "base_model": read_provenance(base).get("base_model") or hub_source,
+        "base_revision": model_args.model_revision if hub_source else None,
+        "stage": ll_args.stage,
+        "datasets": [dataset] if dataset and not dataset.startswith("builtin:") else [],
+        "data": dataset or [Path(path).name for path in data_args.data_files or []],
+        "context_length": model_args.context_length or training_args.max_length,
+        "trainable": ll_args.trainable,
+        "s2": {
+            "enabled": ll_args.s2_attention,
+            "group_size_ratio": ll_args.s2_group_size_ratio,
+            "group_size": ll_args.s2_group_size,
+            "shift": ll_args.s2_shift,
+        },
+        "training": {
+            "max_length": training_args.max_length,
+            "learning_rate": training_args.learning_rate,
+            "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+            "max_steps": training_args.max_steps,
+            "num_train_epochs": training_args.num_train_epochs,
+            "warmup_steps": training_args.warmup_steps,
+            "weight_decay": training_args.weight_decay,
+            "lr_scheduler_type": str(
+                getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+            ),
+            "bf16": training_args.bf16,
+            "fp16": training_args.fp16,
+            "attn_implementation": model_args.attn_implementation,
+        },
+    }
+    path = Path(output_dir) / PROVENANCE_FILE
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 def load_model_and_tokenizer(base: Path, model_args: ModelArguments, ll_args: LongLoRAArguments):
@@ -311,4 +359,5 @@ __all__ = [
     "load_model_and_tokenizer",
     "peft_config",
     "prepare_base",
+    "write_run_record",
 ]

@@ -30,6 +30,7 @@ from longlora_hub.training import (
     load_model_and_tokenizer,
     peft_config,
     prepare_base,
+    write_run_record,
 )
 
 
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     if trainer.is_fsdp_enabled:  # a sharded state dict saves no adapter: gather the full one for the final save
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir)  # one PEFT folder: LoRA + embeddings + norms
+    if trainer.is_world_process_zero():
+        trainer.save_state()  # trainer_state.json: the losses and steps a model card summarizes
+        write_run_record(training_args.output_dir, base, model_args, ll_args, data_args, training_args)
     return trainer
 
 

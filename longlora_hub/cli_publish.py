@@ -1,0 +1,140 @@
+"""`longlora-hub merge` and `longlora-hub push`: from a trained adapter to a merged model and to Hub repositories."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MiB' or a number of bytes, as transformers' `max_shard_size` accepts them."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes.")
+    return int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
+
+
+@click.command("merge")
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False))
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--base", default=None, help="Base checkpoint (folder or Hub id); default: the adapter's base model.")
+@click.option(
+    "--architecture",
+    type=click.Choice(["llama_longlora", "llama"]),
+    default="llama_longlora",
+    show_default=True,
+    help="llama_longlora keeps the remote code (S² training can continue); llama writes a stock Llama that any "
+    "engine loads without trust_remote_code.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default=None,
+    help="dtype of the merged weights; default: the base's.",
+)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB or 500MB.")
+def merge_command(
+    adapter: str, output: str, base: str | None, architecture: str, dtype: str | None, max_shard_size: str
+) -> None:
+    """Merge the LoRA ADAPTER (with its trained embeddings and norms) into its base and write OUTPUT.
+
+    Streamed tensor by tensor: memory stays around the adapter plus one tensor, whatever the model's size.
+    """
+    from .merge import MergeError, merge_adapter
+
+    try:
+        folder = merge_adapter(
+            adapter,
+            output,
+            base=base,
+            architecture=architecture,
+            dtype=dtype,
+            max_shard_size=parse_size(max_shard_size),
+        )
+    except (MergeError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"Merged {adapter} -> {folder} ({architecture})")
+    if architecture == "llama":
+        click.echo(f"Load it with AutoModelForCausalLM.from_pretrained({str(folder)!r}).")
+    else:
+        click.echo(f"Load it with AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).")
+
+
+@click.command("push")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", default=None, help="Branch to push to (created from main if missing).")
+@click.option("--commit-message", default=None, help="Commit message; default: one naming what is pushed.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--token", default=None, help="Hub token with write access; default: HF_TOKEN or `hf auth login`.")
+@click.option(
+    "--checkpoint",
+    default=None,
+    help="Push a trainer checkpoint instead of the final model: 'last' or a checkpoint-N subfolder name.",
+)
+@click.option(
+    "--include-training-state",
+    is_flag=True,
+    help="Also push optimizer/scheduler/RNG states and training_args.bin (to resume elsewhere; pickles).",
+)
+@click.option(
+    "--base-model", default=None, help="Hub id of the base model, for the card, when FOLDER does not record it."
+)
+def push_command(
+    folder: str,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    create_pr: bool,
+    token: str | None,
+    checkpoint: str | None,
+    include_training_state: bool,
+    base_model: str | None,
+) -> None:
+    """Push FOLDER (a LongLoRA adapter, a LlamaLongLoRA or merged model, or a trainer output) to the Hub model
+    repository REPO_ID in one commit, with a model card written from the folder's records."""
+    from .push import PushError, plan_push, push_folder
+
+    try:
+        plan = plan_push(
+            folder, repo_id, checkpoint=checkpoint, include_training_state=include_training_state, base_model=base_model
+        )
+        click.echo(f"Pushing {plan.folder} ({plan.kind}) to {repo_id}: {len(plan.files)} files")
+        if plan.skipped:
+            click.echo(f"  left out: {', '.join(plan.skipped)}")
+        if plan.base_model is None:
+            click.echo("  the base model's Hub id is unknown: the card names none (pass --base-model to set it)")
+        result = push_folder(
+            folder,
+            repo_id,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            token=token,
+            checkpoint=checkpoint,
+            include_training_state=include_training_state,
+            base_model=base_model,
+        )
+    except (PushError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+    if not result.changed:
+        click.echo(f"Nothing changed: {result.url} already holds this folder (commit {result.commit_sha}).")
+        return
+    if result.pull_request_url:
+        click.echo(f"Opened {result.pull_request_url}")
+    else:
+        click.echo(f"Pushed to {result.url} (commit {result.commit_sha})")
+    if result.kind == "llama_longlora":
+        click.echo(
+            f"Load it with AutoModelForCausalLM.from_pretrained({repo_id!r}, trust_remote_code=True, "
+            f"revision={result.commit_sha!r})."
+        )
+
+
+__all__ = ["merge_command", "parse_size", "push_command"]
