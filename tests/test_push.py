@@ -1,0 +1,213 @@
+"""`longlora-hub push` against the local Hub-compatible server (tests/hub_server.py): the real huggingface_hub,
+peft and transformers clients push and pull; the pulled adapter and the pulled merged model (in a process that
+cannot import longlora_hub) reproduce the local logits; the card, the allowlist, re-pushes, branches, pull
+requests, privacy and every failure reach the server (or do not) as asked."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from longlora_hub.cli import main as cli
+from longlora_hub.evaluation.report import make_result, save_result
+from longlora_hub.merge import merge_adapter
+
+from .test_training import TINY_EXTEND, run, short
+
+PULL_MERGED = textwrap.dedent(
+    """
+    import sys
+    sys.modules["longlora_hub"] = None  # the pulled model must stand on its own remote code
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    repo_id, revision, ids_path, out_path = sys.argv[1:]
+    model = AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True, revision=revision).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    with torch.no_grad():
+        torch.save(model(torch.load(ids_path)).logits, out_path)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny extend run (its output folder holds the adapter, checkpoint-3, base/ and the Trainer's extras), its
+    merged model, and an evaluation result saved next to the adapter."""
+    root = tmp_path_factory.mktemp("push")
+    trainer = run(TINY_EXTEND, root / "run", *short("--max_steps", "3"))
+    merged = merge_adapter(root / "run", root / "merged")
+    result = make_result(
+        "perplexity",
+        "longlora",
+        {"model": "run"},
+        {"data": "pg19-tiny", "stride": 256},
+        [{"seq_len": 512, "perplexity": 42.125, "windows": 2, "scored_tokens": 1022}],
+    )
+    save_result(result, root / "run" / "eval" / "ppl.json")
+    ids = torch.randint(3, 300, (1, 384), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = trainer.model.eval()(ids).logits
+    return {"run": root / "run", "merged": merged, "ids": ids, "logits": logits, "root": root}
+
+
+def push(*args):
+    return CliRunner().invoke(cli, ["push", *map(str, args)])
+
+
+@pytest.mark.parametrize("mode", ["lfs", "regular"])
+def test_adapter_push_pull_and_card(hub, trained, mode):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hub.use_upload_mode(mode)
+    result = push(trained["run"], "me/tiny-adapter")
+    assert result.exit_code == 0, result.output
+    assert "left out: base/, builtin-base/, training_args.bin" in result.output
+    repo = hub.server.repo("me/tiny-adapter")
+    assert len(repo.commits) == 2  # the repository's initial commit, then ONE commit with everything
+    files = repo.files("main")
+    assert set(files) == {
+        ".gitattributes",
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "eval/ppl.json",
+        "longlora_hub.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "trainer_state.json",
+    }
+    card = files["README.md"].decode()
+    for line in ("library_name: peft", "base_model_relation: adapter", "pipeline_tag: text-generation", "- s2-attn"):
+        assert line in card
+    assert "| 512 | 42.125 | 2 | 1022 |" in card  # the evaluation table
+    assert "| context length | 512 tokens |" in card and "| Position Interpolation factor | 2 |" in card
+    assert 'PeftModel.from_pretrained(base, "me/tiny-adapter")' in card
+    assert (trained["run"] / "README.md").read_text() != card  # the local files are never rewritten
+
+    base = AutoModelForCausalLM.from_pretrained(trained["run"] / "base", trust_remote_code=True)
+    pulled = PeftModel.from_pretrained(base, "me/tiny-adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pulled(trained["ids"]).logits, trained["logits"], atol=1e-5, rtol=0)
+
+    again = push(trained["run"], "me/tiny-adapter")
+    assert again.exit_code == 0 and "Nothing changed" in again.output, again.output
+    assert len(hub.server.repo("me/tiny-adapter").commits) == 2
+
+
+def test_merged_push_private_pinned_pull_without_the_package(hub, trained, tmp_path):
+    result = push(trained["merged"], "me/tiny-merged", "--private", "--commit-message", "first")
+    assert result.exit_code == 0, result.output
+    repo = hub.server.repo("me/tiny-merged")
+    assert repo.private and repo.commits[-1].message == "first"
+    sha = repo.head("main").sha
+    assert f"revision={sha!r}" in result.output
+    files = repo.files("main")
+    assert {"modeling_llama_longlora.py", "s2_attention.py", "configuration_llama_longlora.py"} <= set(files)
+    card = files["README.md"].decode()
+    assert "library_name: transformers" in card and "trust_remote_code=True, revision=REVISION" in card
+
+    torch.save(trained["ids"], tmp_path / "ids.pt")
+    env = {**os.environ, **hub.env, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run(
+        [sys.executable, "-c", PULL_MERGED, "me/tiny-merged", sha, tmp_path / "ids.pt", tmp_path / "out.pt"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), trained["logits"], atol=1e-4, rtol=0)
+
+
+def test_branch_and_pull_request(hub, trained):
+    assert push(trained["merged"], "me/branched").exit_code == 0
+    main_sha = hub.server.repo("me/branched").head("main").sha
+    to_branch = push(trained["run"], "me/branched", "--revision", "adapter")
+    assert to_branch.exit_code == 0, to_branch.output
+    repo = hub.server.repo("me/branched")
+    assert "adapter_config.json" in repo.files("adapter") and repo.head("main").sha == main_sha
+    # a pull request proposing the adapter's files on main
+    as_pr = push(trained["run"], "me/branched", "--create-pr")
+    assert as_pr.exit_code == 0 and "Opened" in as_pr.output, as_pr.output
+    repo = hub.server.repo("me/branched")
+    assert repo.prs and repo.head("main").sha == main_sha
+    assert "adapter_config.json" in repo.files("refs/pr/1")
+
+
+def test_checkpoints_allowlist_and_training_state(hub, trained, tmp_path):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(trained["run"] / "checkpoint-3", unfinished / "checkpoint-3")
+    (unfinished / ".env").write_text("HF_TOKEN=hf_secret\n")
+    refused = push(unfinished, "me/ckpt")
+    assert refused.exit_code == 1 and "--checkpoint last" in refused.output
+    assert ("model", "me/ckpt") not in hub.server.repos  # refused before any request
+    (unfinished / "checkpoint-3" / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (unfinished / "checkpoint-3" / "token").write_text("hf_secret\n")
+    plain = push(unfinished, "me/ckpt", "--checkpoint", "last")
+    assert plain.exit_code == 0, plain.output
+    files = set(hub.server.repo("me/ckpt").files("main"))
+    assert "adapter_model.safetensors" in files and "trainer_state.json" in files
+    assert not files & {".env", "token", "optimizer.pt", "rng_state.pth", "scheduler.pt", "training_args.bin"}
+    full = push(unfinished, "me/ckpt-resumable", "--checkpoint", "checkpoint-3", "--include-training-state")
+    assert full.exit_code == 0, full.output
+    files = set(hub.server.repo("me/ckpt-resumable").files("main"))
+    assert {"optimizer.pt", "rng_state.pth", "scheduler.pt", "training_args.bin"} <= files
+    assert not files & {".env", "token"}
+
+
+def test_failures_are_clear_and_push_nothing(hub, trained, monkeypatch):
+    bad = push(trained["merged"], "me/nope", "--token", "hf_wrong")
+    assert bad.exit_code == 1 and "rejected the token" in bad.output and "(401)" in bad.output
+    read_only = push(trained["merged"], "me/nope", "--token", hub.read_token)
+    assert read_only.exit_code == 1 and "(403)" in read_only.output
+    assert "needs the right to create it" in read_only.output
+    monkeypatch.delenv("HF_TOKEN")
+    no_token = push(trained["merged"], "me/nope")
+    assert no_token.exit_code == 1 and "No Hugging Face token" in no_token.output
+    assert not any("me/nope" in path for _, path, _ in hub.server.requests if "create" in path or "commit" in path)
+    # the repository exists, and a read-only token may not add to it: nothing changes there
+    assert push(trained["merged"], "me/kept", "--token", hub.write_token).exit_code == 0
+    before = len(hub.server.repo("me/kept").commits)
+    refused = push(trained["run"], "me/kept", "--token", hub.read_token)
+    assert refused.exit_code == 1 and "(403)" in refused.output
+    assert len(hub.server.repo("me/kept").commits) == before
+    bad_id = push(trained["merged"], "not a repo id")
+    assert bad_id.exit_code == 1 and "not a valid repository id" in bad_id.output
+
+
+def test_unreachable_hub(trained, monkeypatch):
+    from longlora_hub.push import PushError, push_folder
+
+    monkeypatch.setenv("HF_TOKEN", "hf_anything")
+    with pytest.raises(PushError, match="Cannot reach the Hub at http://127.0.0.1:9"):
+        push_folder(trained["merged"], "me/offline", endpoint="http://127.0.0.1:9")
+
+
+def test_merged_stock_llama_card(trained, tmp_path):
+    from longlora_hub.push import plan_push
+
+    stock = merge_adapter(trained["run"], tmp_path / "stock", architecture="llama")
+    plan = plan_push(stock, "me/stock", base_model="someone/tiny-llama")
+    assert plan.kind == "llama" and not [name for name in plan.files if name.endswith(".py")]
+    assert "base_model: someone/tiny-llama" in plan.card and "base_model_relation: finetune" in plan.card
+    assert "no remote code" in plan.card
+    record = json.loads((stock / "longlora_hub.json").read_text())
+    assert record["architecture"] == "llama"
+
+
+def test_adapter_names_its_hub_base(trained):
+    """A local base path means nothing on the Hub: the pushed adapter_config.json names the base's Hub id."""
+    from longlora_hub.push import plan_push
+
+    plan = plan_push(trained["run"], "me/tiny-adapter", base_model="someone/tiny-llama")
+    pushed = json.loads(plan.files["adapter_config.json"])
+    assert pushed["base_model_name_or_path"] == "someone/tiny-llama"
+    assert json.loads((trained["run"] / "adapter_config.json").read_text())["base_model_name_or_path"].endswith("base")
+    assert "base_model: someone/tiny-llama" in plan.card and 'from_pretrained(\n    "someone/tiny-llama"' in plan.card
