@@ -364,6 +364,14 @@ def model_card(folder: Path, kind: str, repo_id: str, base_model: str | None = N
             trainable += f"; trained in full: {', '.join(modules_to_save)}"
     elif record.get("trainable") == "full":
         trainable = "every parameter (full fine-tuning)"
+    if lora:
+        method = "shifted sparse attention (S²-Attn) during training, and LoRA" + (
+            " with trainable embeddings and norms" if modules_to_save else ""
+        )
+    elif record.get("trainable") == "full":
+        method = "shifted sparse attention (S²-Attn) during training, and full fine-tuning"
+    else:
+        method = "ready for S²-Attn training (converted; not trained yet)"
     details = [
         ("context length", f"{length} tokens" if length else None),
         ("pretrained context", rope.get("original_max_position_embeddings")),
@@ -384,8 +392,7 @@ def model_card(folder: Path, kind: str, repo_id: str, base_model: str | None = N
     sections = [
         f"# {repo_id.split('/')[-1]}\n",
         f"{what} extending {base_link} to {length or 'a longer'} tokens with [LongLoRA]({LONGLORA_PAPER}): "
-        "Position Interpolation, shifted sparse attention (S²-Attn) during training, and LoRA with trainable "
-        "embeddings and norms. Made with longlora-hub.\n",
+        f"Position Interpolation, {method}. Made with longlora-hub.\n",
         "## Model details\n\n" + _table(details) + "\n",
         _training_section(record, _trainer_state(folder)),
         _eval_section(eval_results(folder)),

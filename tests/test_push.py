@@ -103,8 +103,12 @@ def test_adapter_push_pull_and_card(hub, trained, mode):
 
 
 def test_merged_push_private_pinned_pull_without_the_package(hub, trained, tmp_path):
+    # LFS multipart for the weights (Xet off): the tiny model's 100 kB safetensors go up in 32 kB parts
+    hub.server.multipart_threshold = hub.server.multipart_chunk_size = 32 * 1024
     result = push(trained["merged"], "me/tiny-merged", "--private", "--commit-message", "first")
     assert result.exit_code == 0, result.output
+    assert len(hub.server.calls("PUT", r"^/__lfs__/[0-9a-f]+/\d+$")) > 1  # parts
+    assert len(hub.server.calls("POST", r"^/__lfs__/[0-9a-f]+$")) == 1  # one completion: one multipart file
     repo = hub.server.repo("me/tiny-merged")
     assert repo.private and repo.commits[-1].message == "first"
     sha = repo.head("main").sha
@@ -211,3 +215,20 @@ def test_adapter_names_its_hub_base(trained):
     assert pushed["base_model_name_or_path"] == "someone/tiny-llama"
     assert json.loads((trained["run"] / "adapter_config.json").read_text())["base_model_name_or_path"].endswith("base")
     assert "base_model: someone/tiny-llama" in plan.card and 'from_pretrained(\n    "someone/tiny-llama"' in plan.card
+
+
+def test_license_travels_from_the_base_card(tmp_path):
+    """convert records the base card's license; merge and push carry it to the published card."""
+    from longlora_hub.convert import convert_checkpoint
+    from longlora_hub.push import plan_push
+    from longlora_hub.testing import build_tiny_tokenizer, tiny_llama
+
+    base = tmp_path / "stock"
+    tiny_llama().save_pretrained(base)
+    build_tiny_tokenizer().save_pretrained(base)
+    (base / "README.md").write_text("---\nlicense: llama2\n---\n# A base\n")
+    converted = convert_checkpoint(base, tmp_path / "converted", 512, base_model="meta-llama/Llama-2-7b-hf")
+    record = json.loads((converted / "longlora_hub.json").read_text())
+    assert record["license"] == "llama2" and record["base_model"] == "meta-llama/Llama-2-7b-hf"
+    plan = plan_push(converted, "me/converted")
+    assert "license: llama2" in plan.card and "base_model: meta-llama/Llama-2-7b-hf" in plan.card
