@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATASETS = ("builtin:documents", "builtin:passkey")
+REMOTE_PREFIX = "hf://"
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 DEFAULT_TEMPLATE = "[INST]{instruction}[/INST]"
 
@@ -35,7 +36,8 @@ def load_raw_dataset(
         dataset_name (`str`, *optional*):
             A Hub dataset name, or one of `BUILTIN_DATASETS` (synthetic data that needs no download).
         data_files (`list[str]`, *optional*):
-            Local `.txt`/`.md` (one document per file), `.json`/`.jsonl` or `.parquet` files (globs allowed).
+            Local `.txt`/`.md` (one document per file), `.json`/`.jsonl` or `.parquet` files, or files in a Hub
+            repository as `hf://datasets/USER/REPO/PATH` (globs allowed in both).
         split (`str`, *optional*, defaults to `"train"`): The split to read.
         streaming (`bool`, *optional*, defaults to `False`): Stream instead of downloading/preparing it all.
         dataset_config (`str`, *optional*): The Hub dataset's configuration name.
@@ -64,15 +66,23 @@ def load_raw_dataset(
                 f"Could not load the dataset {dataset_name!r} ({type(error).__name__}: {error}). Check the name, your "
                 "network and token, or pass local files with data_files."
             ) from error
-    files = _expand(data_files)
-    kinds = {TEXT_SUFFIXES.get(Path(path).suffix.lower()) for path in files}
+    # files in a Hub repository (`hf://datasets/user/repo/path`, globs allowed) are left for datasets to resolve
+    remote = [pattern for pattern in data_files if pattern.startswith(REMOTE_PREFIX)]
+    files = [*map(str, _expand(pattern for pattern in data_files if not pattern.startswith(REMOTE_PREFIX))), *remote]
+    kinds = {TEXT_SUFFIXES.get(PurePosixPath(path).suffix.lower()) for path in files}
     if None in kinds or len(kinds) != 1:
-        raise ValueError(
-            f"data_files must all be of one kind among {sorted(TEXT_SUFFIXES)}; got {sorted(map(str, files))}."
-        )
+        raise ValueError(f"data_files must all be of one kind among {sorted(TEXT_SUFFIXES)}; got {sorted(files)}.")
     kind = kinds.pop()
     extra = {"sample_by": "document"} if kind == "text" else {}
-    return load_dataset(kind, data_files=[str(path) for path in files], split="train", streaming=streaming, **extra)
+    try:
+        return load_dataset(kind, data_files=files, split="train", streaming=streaming, **extra)
+    except Exception as error:
+        if not remote:
+            raise
+        raise ValueError(
+            f"Could not read the Hub data files {remote} ({type(error).__name__}: {error}). Write them as "
+            "hf://datasets/USER/REPO/PATH (globs allowed), and check the repository, your network and token."
+        ) from error
 
 
 def _expand(patterns: Iterable[str]) -> list[Path]:

@@ -73,7 +73,11 @@ class DataArguments:
         metadata={"help": "Hub dataset name, or builtin:documents / builtin:passkey (synthetic, no download)."},
     )
     data_files: list[str] | None = field(
-        default=None, metadata={"help": "Local .txt/.md (one document per file), .json/.jsonl or .parquet files."}
+        default=None,
+        metadata={
+            "help": "Local .txt/.md (one document per file), .json/.jsonl or .parquet files, or Hub files as "
+            "hf://datasets/USER/REPO/PATH; globs allowed."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})

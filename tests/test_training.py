@@ -179,3 +179,37 @@ def test_prompt_completion_formats():
     assert to_prompt_completion(ready)[0] == {"prompt": "p", "completion": "c"}
     with pytest.raises(ValueError, match="instruction"):
         to_prompt_completion(alpaca, template="no placeholder")
+
+
+def test_extend_stage_reads_hub_data_files(hub, tmp_path):
+    """`data_files: hf://datasets/...` (globs too) goes through datasets' Hub filesystem, here against the local Hub
+    server; a wrong path is a clear error naming the expected form."""
+    from huggingface_hub import HfApi
+
+    from longlora_hub.data import load_raw_dataset
+    from longlora_hub.synthetic import long_documents
+
+    local = tmp_path / "docs"
+    local.mkdir()
+    documents = long_documents(6)
+    for index, name in enumerate(("a", "b")):
+        rows = [{"text": text} for text in documents[index * 3 : index * 3 + 3]]
+        (local / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    api = HfApi()
+    api.create_repo("me/docs", repo_type="dataset")
+    api.upload_folder(folder_path=local, path_in_repo="data", repo_id="me/docs", repo_type="dataset")
+    loaded = load_raw_dataset(data_files=["hf://datasets/me/docs/data/*.jsonl"])
+    assert sorted(loaded["text"]) == sorted(documents)
+    streamed = load_raw_dataset(data_files=["hf://datasets/me/docs/data/a.jsonl"], streaming=True)
+    assert [row["text"] for row in streamed] == documents[:3]
+    with pytest.raises(ValueError, match="hf://datasets/USER/REPO/PATH"):
+        load_raw_dataset(data_files=["hf://datasets/me/docs/missing.jsonl"])
+
+    trainer = run(
+        TINY_EXTEND,
+        tmp_path / "run",
+        *short(
+            "--max_steps", "1", "--dataset_name", "", "--data_files", "hf://datasets/me/docs/data/*.jsonl"
+        ),  # fmt: skip
+    )
+    assert trainer.state.global_step == 1
