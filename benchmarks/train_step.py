@@ -111,6 +111,12 @@ def build_model(case: str, args: argparse.Namespace, device: torch.device, dtype
     with device:  # initialise on the device: a 7B-shaped stack in fp32 on the host would be slow and large
         model = LlamaLongLoRAForCausalLM(config)
     model.to(dtype=dtype)
+    if args.loss == "fused":
+        # what TRL's SFTTrainer does to every model it trains: the LM head runs in tiles over the positions that
+        # have a label, so the N x vocab logits never exist (added before PEFT wraps the model, as TRL does)
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     peft_config = lora_config(trainable)
     if peft_config is not None:
         from peft import get_peft_model
@@ -147,7 +153,12 @@ def run_worker(case: str, args: argparse.Namespace) -> None:
     def step() -> dict:
         sync()
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        if args.loss == "fused":
+            outputs = model(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
+            loss = -outputs.log_probs.sum() / outputs.label_mask.sum().clamp(min=1)  # SFTTrainer's loss
+            del outputs
+        else:
+            loss = model(input_ids=input_ids, labels=input_ids).loss
         sync()
         forward_end = time.perf_counter()
         loss.backward()
@@ -183,6 +194,7 @@ def worker_command(case: str, args: argparse.Namespace) -> list[str]:
     """This script as the worker of one case, building the same model as every other case."""
     command = script_command(__file__, "--worker", case, "--length", str(args.length))
     command += ["--device", args.device, "--dtype", args.dtype, "--preset", args.preset, "--attn", args.attn]
+    command += ["--loss", args.loss]
     if args.layers is not None:
         command += ["--layers", str(args.layers)]
     return command
@@ -320,9 +332,15 @@ def run_driver(args: argparse.Namespace) -> dict:
             "that machine noise hits them alike; forward/backward/optimizer are the medians of each phase; on CPU, "
             "cpu_s is the worker's CPU time (all its threads) per step, which other jobs on a shared machine "
             "disturb less than the wall-clock time_s",
-            "logits_note": f"the LM head's logits are {BATCH}x{args.length}x{VOCAB} = {logits_mib:.0f} MiB in fp32 "
-            "(the loss upcasts them); the log-softmax of the loss and the logits' gradient are as large again, "
-            "and all of it is part of the measured step, as in real training",
+            "loss": args.loss,
+            "logits_note": (
+                "TRL's fused LM head (what SFTTrainer installs): per-token log-probabilities, entropy and top-1 "
+                f"computed in tiles, so the {BATCH}x{args.length}x{VOCAB} logits ({logits_mib:.0f} MiB in fp32) "
+                "are never built"
+                if args.loss == "fused"
+                else f"the LM head's logits are {BATCH}x{args.length}x{VOCAB} = {logits_mib:.0f} MiB in fp32 (the "
+                "loss upcasts them); the log-softmax of the loss and the logits' gradient are as large again"
+            ),
             "forward_gflop": forward_gflop(args, group_size),
         },
         "cases": {},
@@ -355,6 +373,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model shape")
     parser.add_argument("--layers", type=int, help="decoder layers (default: 2 for small, 4 for 7b-layers)")
     parser.add_argument("--attn", default="sdpa", choices=ATTN_IMPLEMENTATIONS, help="attn_implementation")
+    parser.add_argument(
+        "--loss",
+        default="logits",
+        choices=["logits", "fused"],
+        help="logits: model(labels=...) builds the N x vocab logits; fused: TRL's fused LM head, which SFTTrainer "
+        "installs (on CPU its tiles are 32768 tokens, so it is not smaller there: see README.md)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(

@@ -213,3 +213,23 @@ def test_extend_stage_reads_hub_data_files(hub, tmp_path):
         ),  # fmt: skip
     )
     assert trainer.state.global_step == 1
+
+
+@pytest.mark.gpu
+def test_qlora_trains_and_its_adapter_merges_into_the_full_precision_base(tmp_path):
+    """qlora: 4-bit NF4 base (bitsandbytes), LoRA + embeddings + norms in full precision; the adapter then merges
+    into the unquantized base like any other (the usual QLoRA practice) and loads back."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from longlora_hub.merge import merge_adapter
+
+    trainer = run(
+        TINY_EXTEND, tmp_path / "run", *short("--max_steps", "3", "--trainable", "qlora", "--use_cpu", "false")
+    )
+    assert trainer.state.global_step == 3 and all(torch.isfinite(torch.tensor(losses(trainer))))
+    merged = merge_adapter(tmp_path / "run", tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(merged, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(torch.randint(3, 300, (1, 128))).logits
+    assert torch.isfinite(logits).all()
