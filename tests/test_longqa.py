@@ -303,13 +303,44 @@ def test_longalpaca_task_inference():
     assert longalpaca_task("Name a colour.") == "short"
 
 
-def test_pdf_needs_pypdf(tmp_path):
-    try:
-        import pypdf  # noqa: F401
+def _pdf_with_text(text: str) -> bytes:
+    """A minimal one-page PDF whose page shows `text` (Helvetica), with a correct cross-reference table."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
 
-        pytest.skip("pypdf is installed")
-    except ImportError:
-        pass
+
+def test_pdf_documents_read_and_damaged_ones_counted(tmp_path):
+    pytest.importorskip("pypdf")
+    (tmp_path / "paper.pdf").write_bytes(_pdf_with_text("The pass key is 4821."))
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4\nnot really a pdf")
+    log = ProblemLog("skip")
+    store = DocumentStore(tmp_path, log)
+    assert "The pass key is 4821." in store.get(store.resolve("paper.pdf"))
+    assert store.get(store.resolve("broken.pdf")) is None
+    assert log.counts[("documents", "unreadable_pdf")] == 1
+    with pytest.raises(LongQAInputError, match="broken.pdf"):
+        DocumentStore(tmp_path, ProblemLog("fail")).get("broken")
+
+
+def test_pdf_needs_pypdf(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pypdf", None)  # as if the optional dependency were not installed
     (tmp_path / "paper.pdf").write_bytes(b"%PDF-1.4\n")
     with pytest.raises(ImportError, match=r"pypdf.*longlora-hub\[pdf\]"):
         DocumentStore(tmp_path, ProblemLog())

@@ -36,6 +36,7 @@ PROBLEM_KINDS = {
     "missing_document": "a QA row names a document that is not in the documents folder",
     "unreadable_document": "a QA row names a document that could not be read (see its own problem)",
     "empty_document": "a document with no text",
+    "unreadable_pdf": "a PDF that pypdf cannot read (damaged, encrypted, or not a PDF)",
 }
 DOCUMENT_SUFFIXES = (".txt", ".md", ".pdf")
 MAX_EXAMPLES = 20
@@ -534,7 +535,14 @@ class DocumentStore:
     def _read(self, doc_id: str) -> str | None:
         path = self.paths[doc_id]
         if path.suffix.lower() == ".pdf":
-            text = _read_pdf(path)
+            try:
+                text = _read_pdf(path)
+            except ImportError:
+                raise
+            except Exception as error:  # pypdf raises many kinds for damaged files; all mean "cannot read it"
+                self.failed[doc_id] = "unreadable PDF"
+                self.log.report("unreadable_pdf", str(path), f"{type(error).__name__}: {error}", "documents")
+                return None
         else:
             data = path.read_bytes()
             try:
