@@ -295,6 +295,29 @@ def test_hub_json_files_streamed_with_the_same_reader(monkeypatch):
         list(iter_longalpaca_rows("no/such/file.json", ProblemLog()))
 
 
+def test_hub_longalpaca_streamed_from_a_real_server(hub):
+    """The same, with the real clients against the local Hub server: the file is streamed through HfFileSystem
+    (ranged reads), row for row as from the local file."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo("me/longalpaca", repo_type="dataset")
+    api.upload_file(
+        path_or_fileobj=ASSETS / "longalpaca.json",
+        path_in_repo="LongAlpaca-12k.json",
+        repo_id="me/longalpaca",
+        repo_type="dataset",
+    )
+    remote = list(iter_longalpaca_rows("me/longalpaca", ProblemLog()))
+    local = list(iter_longalpaca_rows(str(ASSETS / "longalpaca.json"), ProblemLog()))
+    assert len(remote) == len(local) == 7
+    assert [{k: v for k, v in row.items() if k != "where"} for row in remote] == [
+        {k: v for k, v in row.items() if k != "where"} for row in local
+    ]
+    assert remote[0]["where"] == "me/longalpaca/LongAlpaca-12k.json:2"
+    assert hub.server.calls("GET", r"/datasets/me/longalpaca/resolve/")
+
+
 def test_longalpaca_task_inference():
     assert longalpaca_task(render_instruction(["D"], "What is new here?")) == "qa"
     assert longalpaca_task(render_instruction(["D"], "Please summarize the paper.")) == "summary"
