@@ -26,6 +26,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# one definition, in the remote-code config (which may import nothing of this package), used here too
+from .remote_code.configuration_llama_longlora import legacy_rope_fields
+
 DEFAULT_ROPE_THETA = 10_000.0
 EXTENSION_ROPE_TYPES = ("linear", "yarn", "dynamic")
 # RoPE types whose `rope_parameters` carry the pretraining context themselves
@@ -241,23 +244,6 @@ def apply_to_config(config: Any, target_length: int, rope_type: str = "linear", 
     if hasattr(config, "validate_rope"):
         config.validate_rope()
     return result
-
-
-def legacy_rope_fields(rope_parameters: Mapping[str, Any]) -> dict[str, Any]:
-    r"""
-    The transformers 4.x form of a RoPE: `rope_theta` and, when scaled, `rope_scaling` (with the old `type` key).
-
-    5.x writes only `rope_parameters`; a 4.x reader would silently drop the scaling without these. 5.x lets
-    `rope_scaling` win when both are present, so it must say the same as `rope_parameters`.
-    """
-    fields: dict[str, Any] = {}
-    if "rope_theta" in rope_parameters:
-        fields["rope_theta"] = rope_parameters["rope_theta"]
-    rope_type = rope_parameters.get("rope_type", "default")
-    if rope_type != "default":
-        scaling = {key: value for key, value in rope_parameters.items() if key != "rope_theta"}
-        fields["rope_scaling"] = {"type": rope_type, **scaling}
-    return fields
 
 
 def describe(rope: Mapping[str, Any]) -> str:

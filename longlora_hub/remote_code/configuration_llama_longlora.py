@@ -16,6 +16,19 @@ AUTO_MAP = {
 }
 
 
+def legacy_rope_fields(rope_parameters: dict) -> dict:
+    """The transformers 4.x form of a RoPE: `rope_theta` and, when scaled, `rope_scaling` (with the old `type`
+    key). 5.x gives `rope_scaling` precedence when both are present, so it must say the same as `rope_parameters`."""
+    fields = {}
+    if "rope_theta" in rope_parameters:
+        fields["rope_theta"] = rope_parameters["rope_theta"]
+    rope_type = rope_parameters.get("rope_type", "default")
+    if rope_type != "default":
+        scaling = {key: value for key, value in rope_parameters.items() if key != "rope_theta"}
+        fields["rope_scaling"] = {"type": rope_type, **scaling}
+    return fields
+
+
 @strict
 class LlamaLongLoRAConfig(LlamaConfig):
     r"""
@@ -73,16 +86,11 @@ class LlamaLongLoRAConfig(LlamaConfig):
         # transformers 4.x reads `rope_scaling` + `rope_theta`, not `rope_parameters`: without these a
         # 4.x reader silently drops the position interpolation. 5.x gives `rope_scaling` precedence, so
         # it must say the same thing as `rope_parameters`.
-        rope = output.get("rope_parameters") or {}
-        if "rope_theta" in rope:
-            output["rope_theta"] = rope["rope_theta"]
-        rope_type = rope.get("rope_type", "default")
-        if rope_type != "default":
-            legacy = {key: value for key, value in rope.items() if key != "rope_theta"}
-            output["rope_scaling"] = {"type": rope_type, **legacy}
-        else:
+        legacy = legacy_rope_fields(output.get("rope_parameters") or {})
+        if "rope_scaling" not in legacy:
             output.pop("rope_scaling", None)
+        output.update(legacy)
         return output
 
 
-__all__ = ["LlamaLongLoRAConfig"]
+__all__ = ["LlamaLongLoRAConfig", "legacy_rope_fields"]
