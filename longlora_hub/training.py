@@ -18,7 +18,17 @@ from .data import DEFAULT_TEMPLATE, load_raw_dataset, pack_documents, to_prompt_
 from .trainable import LORA_TARGETS, TRAINABLE_MODES, lora_config
 
 STAGES = ("extend", "longqa")
-BUILTIN_MODELS = ("builtin:tiny-llama",)
+BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-llama-5m")
+# the 5M-parameter Llama the study's base is pretrained from: 6 layers of 256, 4 heads of 64, context 256, with the
+# corpus tokenizer (512 tokens, digits split); random weights
+TINY_5M_SHAPE = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+}
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -70,7 +80,10 @@ class LongLoRAArguments:
 class DataArguments:
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Hub dataset name, or builtin:documents / builtin:passkey (synthetic, no download)."},
+        metadata={
+            "help": "Hub dataset name, or builtin:documents / builtin:passkey / builtin:corpus (generated, no "
+            "download)."
+        },
     )
     data_files: list[str] | None = field(
         default=None,
@@ -82,6 +95,7 @@ class DataArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     streaming: bool = field(default=False, metadata={"help": "Stream the data (corpora that do not fit on disk)."})
+    builtin_rows: int = field(default=64, metadata={"help": "How many rows (documents) a builtin: dataset has."})
     text_field: str = field(default="text", metadata={"help": "extend stage: column holding the documents."})
     keep_documents_apart: bool = field(
         default=False,
@@ -146,13 +160,19 @@ def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data
 
 def _builtin_base(name: str, folder: Path) -> Path:
     """Save a model built in code (and its tokenizer) so that it loads like any checkpoint."""
+    from .corpus import build_corpus_tokenizer
     from .testing import build_tiny_tokenizer, tiny_llama
 
     if name not in BUILTIN_MODELS:
         raise ValueError(f"Unknown builtin model {name!r}; the builtin models are {BUILTIN_MODELS}.")
     if not (folder / "config.json").exists():
-        tokenizer = build_tiny_tokenizer()
-        tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256).save_pretrained(folder)
+        if name == "builtin:tiny-llama-5m":
+            tokenizer = build_corpus_tokenizer()
+            model = tiny_llama(vocab_size=len(tokenizer), **TINY_5M_SHAPE)
+        else:
+            tokenizer = build_tiny_tokenizer()
+            model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256)
+        model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return folder
 
@@ -294,6 +314,7 @@ def build_dataset(data_args: DataArguments, ll_args: LongLoRAArguments, tokenize
         split=data_args.dataset_split,
         streaming=data_args.streaming,
         dataset_config=data_args.dataset_config,
+        num_builtin_rows=data_args.builtin_rows,
     )
     if ll_args.stage == "extend":
         return pack_documents(raw, tokenizer, length, data_args.text_field, data_args.keep_documents_apart)
