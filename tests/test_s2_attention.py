@@ -169,3 +169,91 @@ def test_no_n_by_n_tensor_is_built(backend, padded):
     with LargestTensor() as probe:
         s2_attention(q, k, v, layout, SCALE, backend=backend).sum().backward()
     assert probe.largest <= heads * (2 * n // group + 2) * group * group < n * n
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the CPU flash path (sdpa backend, regular rows): one output and one gradient per input, nothing half-sized
+
+
+def allocator_peak(fn) -> int:
+    """Peak growth of the bytes held by torch's CPU allocator while `fn()` runs, replayed from the profiler's memory
+    events (tensors and the kernels' scratch buffers)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [event for event in prof.profiler.kineto_results.events() if event.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_cpu_sdpa_takes_the_flash_path_and_falls_back():
+    q, k, v = qkv(2, 4, 2, 16)
+    regular = build_s2_layout(16, 2, 4)
+    assert type(s2_attention(q, k, v, regular, SCALE).grad_fn).__name__ == "_S2FlashCPUBackward"
+    padded = build_s2_layout(16, 2, 4, padding_mask=LEFT_RIGHT)
+    assert "S2Flash" not in type(s2_attention(q, k, v, padded, SCALE).grad_fn).__name__
+    dropout = s2_attention(q, k, v, regular, SCALE, dropout=0.1)
+    assert "S2Flash" not in type(dropout.grad_fn).__name__
+    assert "S2Flash" not in type(s2_attention(q, k, v, regular, SCALE, backend="eager").grad_fn).__name__
+
+
+@pytest.mark.parametrize("shift", ["segments", "roll"])
+def test_flash_path_holds_one_output_and_one_gradient_per_input(shift):
+    """The peak of forward + backward is what full attention holds (the output and the three gradients) plus one
+    kernel call's blocks and the kernel's scratch: no per-group outputs kept for the backward, no per-half gradients
+    waiting to be joined (those cost 1.25 outputs more)."""
+    n, group, heads, dim = 16384, 1024, 8, 32
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, heads, dim, generator=gen).requires_grad_() for _ in range(3))  # (B, N, H, D)
+    grad_out = torch.randn(1, n, heads, dim, generator=gen)
+    layout = build_s2_layout(n, 1, group, shift)
+    grads = []
+
+    def step():
+        out = s2_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, SCALE)  # (B, N, H, D)
+        grads[:] = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a backward call covers one (group, head) pair per thread, and 4096 tokens
+    try:
+        peak = allocator_peak(step)
+    finally:
+        torch.set_num_threads(threads)
+    output = grad_out.nbytes  # 16 MiB
+    # one backward call (4 groups x 2 heads): three gradients and the output gradient's copy, 4 x 1 MiB; the kernel's
+    # scratch (2 MiB on 2 threads) and the log-sum-exp (0.5 MiB); the roll also gathers its wrapped group
+    assert peak <= 4 * output + output // 4 + (3 << 20) + (output // 8 if shift == "roll" else 0)
+    assert all(g.stride() == x.stride() for g, x in zip(grads, (q, k, v), strict=True))  # the inputs' layout
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_flash_path_under_gradient_checkpointing(use_reentrant):
+    layout = build_s2_layout(18, 2, 4)
+    grad_out = torch.randn(2, 18, 4, DIM, generator=torch.Generator().manual_seed(1))  # (B, N, Hq, D)
+
+    def attend(q, k, v):
+        return s2_attention(q, k, v, layout, SCALE)
+
+    plain, checkpointed = qkv(2, 4, 2, 18), qkv(2, 4, 2, 18)
+    out = attend(*plain)
+    out.backward(grad_out)
+    recomputed = torch.utils.checkpoint.checkpoint(attend, *checkpointed, use_reentrant=use_reentrant)
+    recomputed.backward(grad_out)  # .backward(): reentrant checkpointing does not support autograd.grad
+    torch.testing.assert_close(recomputed, out, atol=0, rtol=0)
+    for got, want in zip(checkpointed, plain, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 1), (6, 2)])
+def test_flash_path_in_bfloat16_matches_the_reference(heads):
+    q, k, v = (t.detach() for t in qkv(1, *heads, 40))
+    mask = s2_reference_mask(40, 8, "segments", batch_size=1)
+    ref = reference_attention(q, k, v, mask, SCALE)
+    low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out = s2_attention(*low, build_s2_layout(40, 1, 8), SCALE)
+    assert type(out.grad_fn).__name__ == "_S2FlashCPUBackward"
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=0)
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in low)
