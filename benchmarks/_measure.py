@@ -4,8 +4,9 @@ The benchmarks run every case in its own fresh Python process (the benchmark scr
 so that the peak memory of one case is not hidden by the allocator caches, thread pools or high-water mark of
 another. This module holds both halves of that arrangement:
 
-- in the worker: `PeakMemory` (growth over the footprint at a chosen point, CPU or CUDA) and `serve` / `answer`
-  (the JSON-lines protocol on stdin/stdout);
+- in the worker: `PeakMemory` (growth over the footprint at a chosen point, CPU or CUDA), `tensor_peak_mib` (the
+  peak of torch's allocator during one step, from the profiler), `import_lazy_modules` (imports torch makes on
+  first use, done before the baseline) and `serve` / `answer` (the JSON-lines protocol on stdin/stdout);
 - in the driver: `Worker` (a long-lived worker stepped on demand), `run_json_process` (a one-shot worker),
   `round_robin`, `timing_summary`, `ratio` and `environment`.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,9 +45,20 @@ def rss_kib() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def high_water_kib() -> int:
+    """VmHWM: the peak RSS of this process's memory map, which `reset_peak_rss` resets. `ru_maxrss` is not the same:
+    it also keeps the peak the kernel records whenever a thread exits (e.g. an import-time pool), which the reset
+    does not clear, so after a reset it can still report an import peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark that ru_maxrss reports (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0);
-    False where the kernel refuses. Without it, ru_maxrss would still hold the peak of importing torch."""
+    """Reset the RSS high-water mark (VmHWM) (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0);
+    False where the kernel refuses. Without it, VmHWM would still hold the peak of importing torch."""
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
@@ -59,7 +70,7 @@ def reset_peak_rss() -> bool:
 class PeakMemory:
     """Peak memory growth of this process over its footprint at construction time.
 
-    - CPU: torch's CPU allocator is plain malloc, invisible to tracemalloc, so the growth is `ru_maxrss` at the
+    - CPU: torch's CPU allocator is plain malloc, invisible to tracemalloc, so the growth is VmHWM at the
       end minus the RSS now, with the kernel's high-water mark reset now (where the kernel allows it; `method`
       says whether it did).
     - CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus what is allocated now.
@@ -80,9 +91,9 @@ class PeakMemory:
         else:
             self.base = rss_kib()  # before the reset: the RSS the high-water mark restarts from
             self.method = (
-                f"ru_maxrss - RSS {baseline}, high-water mark reset via /proc/self/clear_refs"
+                f"VmHWM - RSS {baseline}, high-water mark reset via /proc/self/clear_refs"
                 if reset_peak_rss()
-                else f"ru_maxrss - RSS {baseline} (high-water mark NOT reset: may include {peaks})"
+                else f"VmHWM - RSS {baseline} (high-water mark NOT reset: may include {peaks})"
             )
 
     def peak_mib(self) -> float:
@@ -92,8 +103,43 @@ class PeakMemory:
 
             peak = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
         else:
-            peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.base) / 1024  # KiB on Linux
+            peak = (high_water_kib() - self.base) / 1024
         return round(peak, 1)
+
+
+def import_lazy_modules() -> None:
+    """Import now what torch would import inside the first measured step, so that the memory baseline already
+    holds it. The first `torch.autograd.grad` given `grad_outputs` imports torch.fx's symbolic shapes and with
+    them sympy: about 35 MiB of RSS that has nothing to do with the case being measured. Call it before the
+    baseline, in every case alike."""
+    import torch
+
+    leaf = torch.zeros(1, requires_grad=True)
+    torch.autograd.grad(leaf * 2, leaf, torch.ones(1))
+
+
+def tensor_peak_mib(step: Callable[[], object], device: str | torch.device = "cpu") -> float:
+    """Peak growth of the bytes held by torch's allocator during one `step()`, in MiB rounded to 0.1.
+
+    Replayed from the memory events of `torch.profiler` (`profile_memory=True`): every tensor, and every buffer an
+    op takes from torch's allocator (e.g. the flash kernel's per-thread scratch), counted from its allocation to its
+    free. It does not see what glibc keeps after a free, what libraries allocate on their own (BLAS packing
+    buffers, OpenMP stacks), nor allocations made on torch's worker threads (the flash kernel's small per-thread
+    row sums). Those are in the RSS measure, which is why the two differ."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    device_type = torch.device(device).type
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        step()
+    events = [event for event in prof.profiler.kineto_results.events() if event.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):  # stable: same-time events keep their order
+        if str(event.device_type()).split(".")[-1].lower() == device_type:
+            live += event.nbytes()
+            peak = max(peak, live)
+    return round(peak / 2**20, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ Cases, each in its own fresh Python process (this script re-invoked with `--work
 - `memory_chunked@M` and `memory_naive@M` at `--memory-length` M: one window with the LM head and cross-entropy on
   `--chunk-size` positions at a time, against all positions at once. Peak memory is the growth over the process's
   footprint once the model and the data exist: the worker resets the kernel's RSS high-water mark
-  (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0) and reports `ru_maxrss` after the window minus the RSS at the
+  (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0) and reports VmHWM after the window minus the RSS at the
   reset (CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus what is allocated).
 
 Target: the chunked loss's peak at most a quarter of the naive one's at 16k with a 32k vocabulary.

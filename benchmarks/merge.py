@@ -23,20 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _measure import environment, ratio, reset_peak_rss, rss_kib, run_json_process, script_command
+from _measure import environment, high_water_kib, ratio, reset_peak_rss, rss_kib, run_json_process, script_command
 
 TARGET_STREAMED_OVER_WHOLE = 1 / 3
 CASES = ("load", "peft_merge", "streamed")
-
-
-def high_water_kib() -> int:
-    """VmHWM: the peak RSS of this process's memory map, which `/proc/self/clear_refs` resets. (`ru_maxrss` is not
-    enough here: it also keeps the peak recorded whenever a thread exits, e.g. one of the import-time pools.)"""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def worker(case: str, base: str, adapter: str, output: str) -> None:

@@ -25,7 +25,7 @@ the inputs exist, so it counts what training adds: activations, logits, gradient
 by the first step):
 
 - CPU: after that point the worker resets the kernel's RSS high-water mark (`echo 5 > /proc/self/clear_refs`,
-  Linux >= 4.0) and reports `ru_maxrss` after its steps minus the RSS at the reset.
+  Linux >= 4.0) and reports VmHWM after its steps minus the RSS at the reset.
 - CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus what is allocated at that
   point. Each worker empties its cache after every step (outside the timed region), so that the idle workers do
   not hold the memory the stepping one needs.
