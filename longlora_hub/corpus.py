@@ -101,24 +101,9 @@ def build_corpus_tokenizer(vocab_size: int = 512, seed: int = 1234):
     Returns:
         `PreTrainedTokenizerFast`: with `<s>` (BOS, id 1), `</s>` (EOS, id 2) and `<unk>` (id 0).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from .testing import train_bpe_tokenizer
 
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus_documents(3000, seed=seed), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=1 << 20
-    )
+    return train_bpe_tokenizer(corpus_documents(3000, seed=seed), vocab_size, split_digits=True)
 
 
 __all__ = ["KINDS", "build_corpus_tokenizer", "corpus_documents"]

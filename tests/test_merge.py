@@ -165,14 +165,17 @@ def test_bad_input_is_refused_and_leaves_nothing(sharded, tmp_path):
 
 
 def test_streamed_merge_memory_against_loading_whole():
-    """benchmarks/merge.py on a small 8-shard model: the streamed merge's peak memory is at most a third of
-    loading the model whole (each measured in a fresh process, VmHWM growth after imports)."""
+    """benchmarks/merge.py on a 170 MB model in 8 shards: the streamed merge's peak memory is at most a third of
+    loading the model whole (each measured in a fresh process, VmHWM growth after imports). The model is large
+    enough that glibc's heap noise (10-15 MiB from run to run in the streamed case) cannot decide the outcome."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "merge.py"), "--layers", "4"], capture_output=True, text=True
+        [sys.executable, str(ROOT / "benchmarks" / "merge.py"), "--hidden", "768", "--intermediate", "2048"],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode in (0, 1), done.stderr[-2000:]
     result = json.loads(done.stdout)
     if "NOT reset" in result["cases"]["streamed"]["memory"]:
         pytest.skip("this kernel does not let a process reset its RSS high-water mark")
-    assert result["config"]["base_shards"] == 8 and result["config"]["model_mib"] > 40
+    assert result["config"]["base_shards"] == 8 and result["config"]["model_mib"] > 150
     assert result["ratios"]["mem_streamed/load"] <= 1 / 3, result["cases"]
