@@ -117,9 +117,7 @@ def push_command(
             commit_message=commit_message,
             create_pr=create_pr,
             token=token,
-            checkpoint=checkpoint,
-            include_training_state=include_training_state,
-            base_model=base_model,
+            plan=plan,
         )
     except (PushError, OSError) as error:
         raise click.ClickException(str(error)) from error

@@ -451,6 +451,7 @@ def push_folder(
     include_training_state: bool = False,
     base_model: str | None = None,
     endpoint: str | None = None,
+    plan: PushPlan | None = None,
 ) -> PushResult:
     r"""
     Push a LongLoRA adapter or model folder to the Hub model repository `repo_id`, in one commit.
@@ -479,6 +480,9 @@ def push_folder(
             The base model's Hub id for the card when the folder does not record it.
         endpoint (`str`, *optional*):
             The Hub server; defaults to `HF_ENDPOINT` / huggingface.co.
+        plan (`PushPlan`, *optional*):
+            What `plan_push` returned for the same folder and options (e.g. shown to the user first), so that the
+            folder is not read and the card not written twice.
 
     Returns:
         `PushResult`: the URL, the commit (`changed` is False when the folder was already there as is), the pull
@@ -490,7 +494,7 @@ def push_folder(
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
-    plan = plan_push(
+    plan = plan or plan_push(
         folder, repo_id, checkpoint=checkpoint, include_training_state=include_training_state, base_model=base_model
     )
     endpoint = endpoint or constants.ENDPOINT
