@@ -92,6 +92,8 @@ def s2_reference_mask(
     group of a token is p // G (unshifted) or (p + G/2) // G (shifted) with p its position among the real
     tokens of its own document. A new document starts where `position_ids` do not go up by exactly one.
 
+    `"none"`: as `"segments"` but the second half of the heads uses the same groups as the first.
+
     `"roll"`: the paper's cyclic roll; for the shifted heads token i sits at r(i) = (i - G/2) mod N and
     i may attend to j iff r(j) <= r(i) and both are in the same group of G after the roll.
     """
@@ -122,7 +124,8 @@ def s2_reference_mask(
             for j in range(i + 1):
                 if real[i] and real[j] and doc[i] == doc[j]:
                     mask[b, 0, i, j] = local[i] // g == local[j] // g
-                    mask[b, 1, i, j] = (local[i] + half) // g == (local[j] + half) // g
+                    shift_by = 0 if shift == "none" else half
+                    mask[b, 1, i, j] = (local[i] + shift_by) // g == (local[j] + shift_by) // g
     return mask
 
 

@@ -56,7 +56,7 @@ def test_group_covering_the_row():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shift", ["segments", "roll"])
+@pytest.mark.parametrize("shift", ["segments", "roll", "none"])
 @pytest.mark.parametrize("seq_len", [24, 26], ids=["multiple", "remainder"])
 def test_training_matches_dense_reference(backend, shift, seq_len):
     stock, model = pair(s2_shift=shift)

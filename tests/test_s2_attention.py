@@ -38,7 +38,7 @@ def assert_matches_reference(
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("shift", ["segments", "roll"])
+@pytest.mark.parametrize("shift", ["segments", "roll", "none"])
 @pytest.mark.parametrize(
     "seq_len,group",
     [(16, 4), (18, 4), (22, 6), (8, 8), (8, 16), (5, 2)],
@@ -90,6 +90,25 @@ PACKED = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2], list(ra
 )
 def test_padding_and_packing_match_reference(backend, padding_mask, position_ids):
     assert_matches_reference(backend, "segments", 2, 4, 2, 16, 4, padding_mask, position_ids)
+    assert_matches_reference(backend, "none", 2, 4, 2, 16, 4, padding_mask, position_ids)
+
+
+def test_no_shift_puts_every_head_on_the_same_groups():
+    """`"none"` is the paper's "short attention" ablation: both halves of the heads see only their own group, so
+    the output of a token never depends on another group, unlike with the shift."""
+    mask = s2_reference_mask(16, 4, "none")[0]
+    assert torch.equal(mask[0], mask[1])
+    assert not torch.equal(mask[1], s2_reference_mask(16, 4, "segments")[0, 1])
+    q, k, v = (t.detach() for t in qkv(1, 4, 2, 16))
+    changed = [t.clone() for t in (k, v)]
+    for t in changed:
+        t[:, :, 0:4] += 1.0  # the first group only
+    for shift, isolated in (("none", True), ("segments", False)):
+        layout = build_s2_layout(16, 1, 4, shift)
+        same = torch.allclose(
+            s2_attention(q, k, v, layout, SCALE)[:, 4:], s2_attention(q, *changed, layout, SCALE)[:, 4:]
+        )
+        assert same is isolated
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -8,7 +8,7 @@ code: it imports only the standard library, torch and transformers.
 from transformers import LlamaConfig
 from transformers.configuration_utils import strict  # huggingface_hub's, as every transformers config uses it
 
-S2_SHIFTS = ("segments", "roll")
+S2_SHIFTS = ("segments", "roll", "none")  # as in s2_attention.py
 AUTO_MAP = {
     "AutoConfig": "configuration_llama_longlora.LlamaLongLoRAConfig",
     "AutoModel": "modeling_llama_longlora.LlamaLongLoRAModel",
@@ -47,7 +47,9 @@ class LlamaLongLoRAConfig(LlamaConfig):
             How the second half of the heads is shifted by G/2. `"segments"` uses the groups [0, G/2),
             [G/2, 3G/2), ... ending with the remainder, so no token ever sees a later one. `"roll"` is the
             paper's cyclic-roll pseudo-code, kept to reproduce the paper: its last shifted group lets the
-            first G/2 tokens see the last G/2 tokens of the row.
+            first G/2 tokens see the last G/2 tokens of the row. `"none"` shifts nothing: every head attends
+            within the same groups, which never exchange information (the paper's "short attention"
+            ablation; for studies only).
     """
 
     model_type = "llama_longlora"

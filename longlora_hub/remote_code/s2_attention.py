@@ -9,6 +9,8 @@ G/2 so that information flows between neighbouring groups. Two shift semantics e
 - ``"roll"``: the paper's pseudo-code, which rolls the shifted heads by -G/2, attends per group and rolls
   back. The roll is cyclic: the last shifted group holds [N-G/2, N) followed by [0, G/2), so the first
   G/2 tokens see the end of the row. Kept only to reproduce the paper.
+- ``"none"``: no shift; every head uses [0, G), [G, 2G), ... ("short attention" in the paper's ablation,
+  Table 6): groups never exchange information. For ablations only.
 
 Groups are laid out on each token's position *in its own sequence*: padded tokens do not count, and a
 packed row (several documents, marked by ``position_ids`` that restart) is split into documents first.
@@ -37,6 +39,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface, AttentionMaskInterface
 
 S2_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
+S2_SHIFTS = ("segments", "roll", "none")
 
 
 def s2_group_size(seq_len: int, group_size: int | None = None, ratio: float = 0.25) -> int:
@@ -52,7 +55,7 @@ class S2Layout:
 
     Attributes:
         group_size (`int`): G.
-        shift (`str`): `"segments"` or `"roll"`.
+        shift (`str`): one of `S2_SHIFTS`.
         regular (`bool`): every row is one unpadded sequence, so groups are plain reshapes of the row.
         valid (`torch.BoolTensor` of shape `(B, N)`): real (non-padding) tokens.
         doc (`torch.LongTensor` of shape `(B, N)`): index of the document a token belongs to in its row.
@@ -98,13 +101,13 @@ def build_s2_layout(
         seq_len (`int`): N, the padded row length.
         batch_size (`int`): B.
         group_size (`int`): G (even, >= 2); see [`s2_group_size`].
-        shift (`str`, *optional*, defaults to `"segments"`): `"segments"` or `"roll"`.
+        shift (`str`, *optional*, defaults to `"segments"`): one of `S2_SHIFTS`.
         padding_mask (`torch.Tensor` of shape `(B, N)`, *optional*): 1/True for real tokens, 0/False for padding.
         position_ids (`torch.LongTensor` of shape `(B, N)` or `(1, N)`, *optional*): a new document starts
             wherever the position does not follow the previous one by exactly 1 (TRL packing/padding-free).
     """
-    if shift not in ("segments", "roll"):
-        raise ValueError(f"s2_shift must be 'segments' or 'roll', got {shift!r}.")
+    if shift not in S2_SHIFTS:
+        raise ValueError(f"s2_shift must be one of {S2_SHIFTS}, got {shift!r}.")
     if group_size < 2 or group_size % 2:
         raise ValueError(f"The S² group size must be an even number >= 2, got {group_size}.")
     if device is None:
@@ -280,7 +283,7 @@ def _plan(seq_len: int, group: int, shifted: bool, shift: str) -> list[list[tupl
     """The groups of one half of the heads, each a list of token ranges `(start, end)` in the causal order of
     the group; together they cover [0, N) exactly once."""
     half = group // 2
-    if not shifted:
+    if not shifted or shift == "none":
         return [[(start, min(start + group, seq_len))] for start in range(0, seq_len, group)]
     if shift == "segments":
         rest = [[(start, min(start + group, seq_len))] for start in range(half, seq_len, group)]
@@ -655,6 +658,7 @@ def _flash_half(query, key, value, layout: S2Layout, shifted: bool, scaling: flo
     flash_attn_varlen_func = lazy_import_flash_attention("flash_attention_2")[0][1]
 
     half = layout.group_size // 2
+    shifted = shifted and layout.shift != "none"
     roll = shifted and layout.shift == "roll"
     if roll:  # the paper's roll on regular rows: the rolled row is then split in plain groups
         query, key, value = (x.roll(-half, dims=2) for x in (query, key, value))
@@ -696,6 +700,9 @@ def _flex_block_mask(layout: S2Layout, num_heads: int, split: int):
         rolled = (index - half) % n  # where each token sits after the roll by -G/2
         order = torch.stack([index, rolled])  # (2, B, N): causal order per half
         groups = torch.stack([index // group, rolled // group])  # (2, B, N)
+    elif layout.shift == "none":
+        order = torch.stack([index, index])  # (2, B, N)
+        groups = torch.stack([layout.local // group, layout.local // group])  # (2, B, N)
     else:
         order = torch.stack([index, index])  # (2, B, N)
         groups = torch.stack([layout.local // group, (layout.local + half) // group])  # (2, B, N)
@@ -799,7 +806,8 @@ def s2_attention(
             token_major = (x.transpose(1, 2) for x in heads)  # (B, N, H/2, D)
             out = _regular_half(*token_major, plan, layout.group_size, attend)
         else:
-            out = _binned_half(*heads, layout, layout.group_size // 2 if is_shifted else 0, attend)
+            offset = layout.group_size // 2 if is_shifted and layout.shift != "none" else 0
+            out = _binned_half(*heads, layout, offset, attend)
         outputs.append(out)  # (B, N, Hq/2, D)
     # one copy joins the halves; the result is contiguous, so the model's reshape to (B, N, Hq*D) is a view
     return torch.cat(outputs, dim=2)  # (B, N, Hq, D)
