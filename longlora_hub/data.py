@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_DATASETS = ("builtin:documents", "builtin:passkey", "builtin:corpus")
+BUILTIN_DATASETS = ("builtin:documents", "builtin:passkey", "builtin:corpus", "builtin:corpus-long")
 REMOTE_PREFIX = "hf://"
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 DEFAULT_TEMPLATE = "[INST]{instruction}[/INST]"
@@ -58,6 +58,10 @@ def load_raw_dataset(
             from .corpus import corpus_documents
 
             rows = [{"text": text} for text in corpus_documents(num_builtin_rows)]
+        elif dataset_name == "builtin:corpus-long":
+            from .corpus import long_corpus_documents
+
+            rows = [{"text": text} for text in long_corpus_documents(num_builtin_rows)]
         else:
             raise ValueError(f"Unknown builtin dataset {dataset_name!r}; the builtin datasets are {BUILTIN_DATASETS}.")
         dataset = Dataset.from_list(rows)

@@ -15,16 +15,19 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from .data import DEFAULT_TEMPLATE, load_raw_dataset, pack_documents, to_prompt_completion
+from .remote_code.configuration_llama_longlora import S2_SHIFTS
 from .trainable import LORA_TARGETS, TRAINABLE_MODES, lora_config
 
 STAGES = ("extend", "longqa")
-BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-llama-5m")
+BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-llama-3m", "builtin:tiny-llama-pretrained")
+# the pretrained tiny base shipped with the package (see its README.md for how it was made)
+PRETRAINED_TINY = Path(__file__).resolve().parent / "assets" / "tiny-llama-pretrained"
 # the 5M-parameter Llama the study's base is pretrained from: 6 layers of 256, 4 heads of 64, context 256, with the
 # corpus tokenizer (512 tokens, digits split); random weights
-TINY_5M_SHAPE = {
+TINY_3M_SHAPE = {
     "hidden_size": 256,
     "intermediate_size": 688,
-    "num_hidden_layers": 6,
+    "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
     "max_position_embeddings": 256,
@@ -38,7 +41,8 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "A stock Llama checkpoint (converted on the fly), a LlamaLongLoRA one, a Hub id, or "
-            "builtin:tiny-llama (built in code, for CPU tests)."
+            "builtin:tiny-llama (built in code, for CPU tests), builtin:tiny-llama-pretrained (the shipped pretrained "
+            "tiny base)."
         },
     )
     model_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
@@ -73,7 +77,10 @@ class LongLoRAArguments:
     s2_attention: bool = field(default=True, metadata={"help": "Train with S²-Attn (full attention if false)."})
     s2_group_size_ratio: float = field(default=0.25, metadata={"help": "S² group size / sequence length."})
     s2_group_size: int | None = field(default=None, metadata={"help": "Absolute even S² group size (tokens)."})
-    s2_shift: str = field(default="segments", metadata={"help": "segments (leak-free) or roll (the paper's)."})
+    s2_shift: str = field(
+        default="segments",
+        metadata={"help": "segments (leak-free), roll (the paper's) or none (no shift: the ablation)."},
+    )
 
 
 @dataclass
@@ -81,8 +88,8 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "Hub dataset name, or builtin:documents / builtin:passkey / builtin:corpus (generated, no "
-            "download)."
+            "help": "Hub dataset name, or builtin:documents / builtin:passkey / builtin:corpus / builtin:corpus-long "
+            "(generated, no download)."
         },
     )
     data_files: list[str] | None = field(
@@ -132,8 +139,8 @@ def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data
                 "trainable: qlora needs a CUDA GPU and bitsandbytes (pip install 'longlora-hub[gpu]'); use lora_plus "
                 "on this machine."
             )
-    if ll_args.s2_shift not in ("segments", "roll"):
-        raise ValueError(f"s2_shift must be 'segments' or 'roll', got {ll_args.s2_shift!r}.")
+    if ll_args.s2_shift not in S2_SHIFTS:
+        raise ValueError(f"s2_shift must be one of {S2_SHIFTS}, got {ll_args.s2_shift!r}.")
     if not 0 < ll_args.s2_group_size_ratio <= 1:
         raise ValueError(f"s2_group_size_ratio must be in (0, 1], got {ll_args.s2_group_size_ratio}.")
     length = training_args.max_length
@@ -165,10 +172,14 @@ def _builtin_base(name: str, folder: Path) -> Path:
 
     if name not in BUILTIN_MODELS:
         raise ValueError(f"Unknown builtin model {name!r}; the builtin models are {BUILTIN_MODELS}.")
+    if name == "builtin:tiny-llama-pretrained":
+        if not (PRETRAINED_TINY / "config.json").exists():
+            raise ValueError(f"The shipped tiny base is missing from {PRETRAINED_TINY}; reinstall longlora-hub.")
+        return PRETRAINED_TINY
     if not (folder / "config.json").exists():
-        if name == "builtin:tiny-llama-5m":
+        if name == "builtin:tiny-llama-3m":
             tokenizer = build_corpus_tokenizer()
-            model = tiny_llama(vocab_size=len(tokenizer), **TINY_5M_SHAPE)
+            model = tiny_llama(vocab_size=len(tokenizer), **TINY_3M_SHAPE)
         else:
             tokenizer = build_tiny_tokenizer()
             model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256)
