@@ -1,9 +1,13 @@
-"""`make demo`: the whole LongLoRA pipeline on a tiny Llama, on CPU, in about a minute.
+"""`make demo`: the whole LongLoRA pipeline on a tiny pretrained Llama, on CPU, in a few minutes.
 
-1. build a tiny stock Llama (context 256) and its tokenizer in code (nothing is downloaded);
-2. `longlora-hub convert` it to LlamaLongLoRA with Position Interpolation to 1024 tokens (4x);
-3. stage 1, context extension: `recipes/sft.py` with `recipes/configs/tiny/extend.yaml` (S²-Attn, LoRA +
-   embeddings + norms) on synthetic long documents at the extended length; merge the adapter;
+1. the shipped tiny base (`builtin:tiny-llama-pretrained`, context 256, pretrained by this project: see
+   `longlora_hub/assets/tiny-llama-pretrained/README.md`); its perplexity and passkey accuracy within and beyond
+   its context;
+2. `longlora-hub convert` it to LlamaLongLoRA with Position Interpolation to 1024 tokens (4x); the same with PI
+   alone;
+3. stage 1, context extension: `recipes/sft.py` with `recipes/configs/tiny/extend_pretrained.yaml` (S²-Attn, LoRA
+   + embeddings + norms) on long generated documents at the extended length; merge the adapter; perplexity and
+   passkey accuracy again, now that the model was trained at 1024 tokens;
 4. stage 2, LongQA: `recipes/sft.py` with `recipes/configs/tiny/longqa.yaml` on passkey questions; merge;
 5. generate with full attention and the KV cache on a long prompt.
 """
@@ -15,8 +19,10 @@ import importlib.util
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+PASSKEY_LENGTHS = (256, 512, 1024)  # also the perplexity lengths
 
 
 def say(message: str) -> None:
@@ -39,11 +45,36 @@ def run_stage(sft, config: Path, model: Path, output: Path, steps: int) -> str:
     return " -> ".join(f"{entry['loss']:.3f}" for entry in trainer.state.log_history if "loss" in entry)
 
 
+def passkey_line(model, tokenizer, lengths, trials: int) -> str:
+    """Passkey accuracy by length (greedy decoding, exact match), as `256: 90% | 512: 0%`."""
+    from longlora_hub.evaluation.passkey import run_passkey
+
+    result = run_passkey(model, tokenizer, lengths, trials=trials, batch_size=trials, progress=False)
+    return " | ".join(f"{length}: {result['accuracy'][str(length)]:.0%}" for length in lengths)
+
+
+def perplexity_line(model, tokenizer, lengths, max_tokens: int = 8192) -> str:
+    """Sliding-window perplexity by length on held-out long documents of the generated corpus (the study's), as
+    `256: 2.24 | 1024: 2.75`: each token scored once, with at least 3/4 of the window before it."""
+    from longlora_hub.corpus import long_corpus_documents
+    from longlora_hub.evaluation.perplexity import evaluate_perplexity
+
+    tokens: list[int] = []
+    for document in long_corpus_documents(max_tokens // 300, seed=1000):
+        tokens += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    tokens = tokens[:max_tokens]
+    values = [evaluate_perplexity(model, tokens, n, n // 4, "press", progress=False)["perplexity"] for n in lengths]
+    return " | ".join(f"{n}: {value:.2f}" for n, value in zip(lengths, values, strict=True))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo_output", help="folder for every checkpoint the demo writes")
-    parser.add_argument("--extend-steps", type=int, default=30, help="context-extension steps")
+    parser.add_argument(
+        "--extend-steps", type=int, default=None, help="context-extension steps (default: the recipe's)"
+    )
     parser.add_argument("--longqa-steps", type=int, default=20, help="LongQA steps")
+    parser.add_argument("--trials", type=int, default=10, help="passkey keys per length")
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -51,32 +82,42 @@ def main(argv: list[str] | None = None) -> None:
     from longlora_hub.convert import convert_checkpoint
     from longlora_hub.merge import merge_adapter
     from longlora_hub.synthetic import passkey_examples
-    from longlora_hub.testing import build_tiny_tokenizer, tiny_llama
+    from longlora_hub.training import PRETRAINED_TINY
 
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):
         raise SystemExit(f"{output} exists and is not empty; remove it or pass --output to another folder.")
     sft = load_recipe()
     configs = ROOT / "recipes" / "configs" / "tiny"
+    extend_config = configs / "extend_pretrained.yaml"
+    extend_steps = args.extend_steps or yaml.safe_load(extend_config.read_text())["max_steps"]
 
-    # 1. a stock Llama built in code
-    tokenizer = build_tiny_tokenizer()
-    base = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256)
-    base.save_pretrained(output / "base")
-    tokenizer.save_pretrained(output / "base")
-    say(f"1. built a tiny stock Llama ({sum(p.numel() for p in base.parameters()) / 1e3:.0f}k parameters, context 256)")
+    # 1. the shipped pretrained base
+    base = AutoModelForCausalLM.from_pretrained(PRETRAINED_TINY, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(PRETRAINED_TINY)
+    parameters = sum(p.numel() for p in base.parameters()) / 1e6
+    say(f"1. the shipped tiny base: {parameters:.1f}M parameters, pretrained at 256 tokens ({PRETRAINED_TINY})")
+    say(f"   perplexity before extension: {perplexity_line(base, tokenizer, PASSKEY_LENGTHS)}")
+    say(f"   passkey before extension: {passkey_line(base, tokenizer, PASSKEY_LENGTHS, args.trials)}")
 
     # 2. conversion: config + remote code, weights copied as they are
-    converted = convert_checkpoint(output / "base", output / "converted", context_length=1024)
-    rope = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True).config.rope_parameters
+    converted = convert_checkpoint(PRETRAINED_TINY, output / "converted", context_length=1024)
+    model = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True, dtype=torch.float32).eval()
+    rope = model.config.rope_parameters
     say(f"2. converted to LlamaLongLoRA: context 1024, RoPE {rope['rope_type']} x{rope['factor']:g} -> {converted}")
+    say(f"   perplexity with PI alone: {perplexity_line(model, tokenizer, PASSKEY_LENGTHS)}")
+    say(f"   passkey with PI alone: {passkey_line(model, tokenizer, PASSKEY_LENGTHS, args.trials)}")
 
     # 3. stage 1: context extension at 1024 tokens with S²-Attn
-    say("3. stage 1 (extend): 1024-token rows of long documents, S² groups of 256, LoRA + embeddings + norms")
-    curve = run_stage(sft, configs / "extend.yaml", converted, output / "extend", args.extend_steps)
+    say(f"3. stage 1 (extend): {extend_steps} steps on 1024-token rows, S² groups of 256, LoRA + embeddings + norms")
+    curve = run_stage(sft, extend_config, converted, output / "extend", extend_steps)
     say(f"   loss at 1024 tokens: {curve}; adapter in {output / 'extend'}")
     extended = merge_adapter(output / "extend", output / "extended")
+    model = AutoModelForCausalLM.from_pretrained(extended, trust_remote_code=True, dtype=torch.float32).eval()
     say(f"   merged into {extended}")
+    say(f"   perplexity after extension: {perplexity_line(model, tokenizer, PASSKEY_LENGTHS)}")
+    say(f"   passkey after extension: {passkey_line(model, tokenizer, PASSKEY_LENGTHS, args.trials)}")
+    say("   (this base never learned to retrieve a pass key, even within 256 tokens: see its README and docs/study.md)")
 
     # 4. stage 2: LongQA supervised fine-tuning on the extended model
     say("4. stage 2 (longqa): passkey questions over ~700-token prompts, loss on the answers only")
@@ -86,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     say(f"   merged into {final}")
 
     # 5. generation with full attention on a long prompt
-    model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(final, trust_remote_code=True)
     example = passkey_examples(1, seed=123)[0]
     prompt = tokenizer(f"[INST]{example['instruction']}[/INST]", return_tensors="pt")
@@ -95,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     answer = tokenizer.decode(generated[0, prompt.input_ids.shape[1] :], skip_special_tokens=True)
     say(f"5. generation on a {prompt.input_ids.shape[1]}-token prompt (full attention, KV cache):")
     say(f"   expected {example['output']!r}, got {answer!r}")
-    say(f"done: every checkpoint is under {output}/ (base, converted, extend, extended, longqa, final)")
+    say(f"done: every checkpoint is under {output}/ (converted, extend, extended, longqa, final)")
 
 
 if __name__ == "__main__":
