@@ -123,6 +123,20 @@ def long_corpus_documents(num_documents: int, seed: int = 0) -> list[str]:
     return corpus_documents(num_documents, seed=seed, min_sentences=30, max_sentences=120, kinds=LONG_KINDS)
 
 
+HELD_OUT_SEED = 1000  # the evaluation documents of the demo and the study: never a training seed
+
+
+def held_out_tokens(tokenizer, max_tokens: int) -> list[int]:
+    """The first `max_tokens` tokens of held-out long documents (seed `HELD_OUT_SEED`), each tokenized without
+    special tokens and followed by EOS: the perplexity data of the demo and of the study."""
+    tokens: list[int] = []
+    for document in long_corpus_documents(max(4, max_tokens // 300), seed=HELD_OUT_SEED):
+        tokens += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(tokens) >= max_tokens:
+            break
+    return tokens[:max_tokens]
+
+
 def build_corpus_tokenizer(vocab_size: int = 512, seed: int = 1234):
     r"""
     A byte-level BPE tokenizer trained on 3,000 generated documents, splitting digits one by one (as Llama's
@@ -136,4 +150,12 @@ def build_corpus_tokenizer(vocab_size: int = 512, seed: int = 1234):
     return train_bpe_tokenizer(corpus_documents(3000, seed=seed), vocab_size, split_digits=True)
 
 
-__all__ = ["KINDS", "LONG_KINDS", "build_corpus_tokenizer", "corpus_documents", "long_corpus_documents"]
+__all__ = [
+    "HELD_OUT_SEED",
+    "KINDS",
+    "LONG_KINDS",
+    "build_corpus_tokenizer",
+    "corpus_documents",
+    "held_out_tokens",
+    "long_corpus_documents",
+]

@@ -56,13 +56,10 @@ def passkey_line(model, tokenizer, lengths, trials: int) -> str:
 def perplexity_line(model, tokenizer, lengths, max_tokens: int = 8192) -> str:
     """Sliding-window perplexity by length on held-out long documents of the generated corpus (the study's), as
     `256: 2.24 | 1024: 2.75`: each token scored once, with at least 3/4 of the window before it."""
-    from longlora_hub.corpus import long_corpus_documents
+    from longlora_hub.corpus import held_out_tokens
     from longlora_hub.evaluation.perplexity import evaluate_perplexity
 
-    tokens: list[int] = []
-    for document in long_corpus_documents(max_tokens // 300, seed=1000):
-        tokens += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    tokens = tokens[:max_tokens]
+    tokens = held_out_tokens(tokenizer, max_tokens)
     values = [evaluate_perplexity(model, tokens, n, n // 4, "press", progress=False)["perplexity"] for n in lengths]
     return " | ".join(f"{n}: {value:.2f}" for n, value in zip(lengths, values, strict=True))
 

@@ -47,7 +47,6 @@ CONFIG = ROOT / "recipes" / "configs" / "tiny" / "extend_pretrained.yaml"
 ORIGINAL, TARGET = 256, 1024
 PPL_LENGTHS = (256, 512, 1024)
 PASSKEY_LENGTHS = (256, 512, 768, 1024)
-EVAL_SEED = 1000  # the held-out documents: never a training seed of the corpus
 RUNS = {
     "pi-only": None,
     "full-attn": {"trainable": "full", "s2_attention": "false"},
@@ -81,14 +80,9 @@ def evaluation_tokens(tokenizer, max_tokens: int):
     """Held-out long documents of the study corpus, joined with EOS, as the evaluation's flat token array."""
     import numpy as np
 
-    from longlora_hub.corpus import long_corpus_documents
+    from longlora_hub.corpus import held_out_tokens
 
-    tokens: list[int] = []
-    for document in long_corpus_documents(max(4, max_tokens // 300), seed=EVAL_SEED):
-        tokens += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(tokens) >= max_tokens:
-            break
-    return np.asarray(tokens[:max_tokens], dtype=np.int64)
+    return np.asarray(held_out_tokens(tokenizer, max_tokens), dtype=np.int64)
 
 
 def evaluate(model, tokenizer, size: dict, seed: int) -> dict:
