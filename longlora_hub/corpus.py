@@ -12,8 +12,8 @@ Four kinds of documents, mixed:
   predicted by finding the earlier copy (what an "induction head" does, and what retrieval builds on);
 - `prose`: short sentences from a small grammar, so that perplexity measures language modelling too.
 
-`long_corpus_documents` draws the same kinds at lengths of about 300 to 1,500 tokens: the data of the context
-extension and of the study's evaluation, where a longer context lets the model see facts stated further back.
+`long_corpus_documents` draws passkey, registry and prose documents of about 250 to 1,500 tokens: the data of the
+context extension and of the study's evaluation, where a longer context lets the model see facts stated further back.
 
 Everything is a pure function of the seed.
 """

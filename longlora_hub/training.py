@@ -22,8 +22,8 @@ STAGES = ("extend", "longqa")
 BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-llama-3m", "builtin:tiny-llama-pretrained")
 # the pretrained tiny base shipped with the package (see its README.md for how it was made)
 PRETRAINED_TINY = Path(__file__).resolve().parent / "assets" / "tiny-llama-pretrained"
-# the 5M-parameter Llama the study's base is pretrained from: 6 layers of 256, 4 heads of 64, context 256, with the
-# corpus tokenizer (512 tokens, digits split); random weights
+# the 3.4M-parameter Llama the shipped base was pretrained from: 4 layers of 256, 4 heads of 64, context 256, with
+# the corpus tokenizer (512 tokens, digits split); random weights
 TINY_3M_SHAPE = {
     "hidden_size": 256,
     "intermediate_size": 688,

@@ -658,7 +658,6 @@ def _flash_half(query, key, value, layout: S2Layout, shifted: bool, scaling: flo
     flash_attn_varlen_func = lazy_import_flash_attention("flash_attention_2")[0][1]
 
     half = layout.group_size // 2
-    shifted = shifted and layout.shift != "none"
     roll = shifted and layout.shift == "roll"
     if roll:  # the paper's roll on regular rows: the rolled row is then split in plain groups
         query, key, value = (x.roll(-half, dims=2) for x in (query, key, value))
@@ -700,12 +699,10 @@ def _flex_block_mask(layout: S2Layout, num_heads: int, split: int):
         rolled = (index - half) % n  # where each token sits after the roll by -G/2
         order = torch.stack([index, rolled])  # (2, B, N): causal order per half
         groups = torch.stack([index // group, rolled // group])  # (2, B, N)
-    elif layout.shift == "none":
-        order = torch.stack([index, index])  # (2, B, N)
-        groups = torch.stack([layout.local // group, layout.local // group])  # (2, B, N)
     else:
+        shift_by = 0 if layout.shift == "none" else half
         order = torch.stack([index, index])  # (2, B, N)
-        groups = torch.stack([layout.local // group, (layout.local + half) // group])  # (2, B, N)
+        groups = torch.stack([layout.local // group, (layout.local + shift_by) // group])  # (2, B, N)
     valid, doc = layout.valid, layout.doc
 
     def mask_mod(b, h, q, kv):
@@ -796,7 +793,8 @@ def s2_attention(
     _, plain, shifted = _split_heads(query, key, value)
     attend = partial(_attend, scaling=scaling, dropout=dropout, backend=backend, layout=layout)
     outputs = []
-    for heads, is_shifted in ((plain, False), (shifted, True)):
+    # with shift "none" the second half of the heads is laid out exactly like the first
+    for heads, is_shifted in ((plain, False), (shifted, layout.shift != "none")):
         if backend == "flash_attention_2":
             out = _flash_half(*heads, layout, is_shifted, scaling, dropout)
         elif layout.regular:
@@ -806,8 +804,7 @@ def s2_attention(
             token_major = (x.transpose(1, 2) for x in heads)  # (B, N, H/2, D)
             out = _regular_half(*token_major, plan, layout.group_size, attend)
         else:
-            offset = layout.group_size // 2 if is_shifted and layout.shift != "none" else 0
-            out = _binned_half(*heads, layout, offset, attend)
+            out = _binned_half(*heads, layout, layout.group_size // 2 if is_shifted else 0, attend)
         outputs.append(out)  # (B, N, Hq/2, D)
     # one copy joins the halves; the result is contiguous, so the model's reshape to (B, N, Hq*D) is a view
     return torch.cat(outputs, dim=2)  # (B, N, Hq, D)
