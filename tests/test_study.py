@@ -33,9 +33,14 @@ def test_every_method_runs_and_is_reported(smoke):
     assert 0 < runs["lora-s2"]["trainable_parameters"] < runs["longlora"]["trainable_parameters"]
     assert runs["longlora"]["trainable_parameters"] < runs["full-s2"]["trainable_parameters"]
     for result in data["results"]:
+        target = study.target_of(result["run"])
         assert set(result["perplexity"]) == {"longlora", "press"}
-        assert set(result["passkey"]) == {str(n) for n in study.PASSKEY_LENGTHS}
-        assert result["steps"] == (0 if result["run"] == "pi-only" else 2)
+        assert set(result["perplexity"]["press"]) == {str(n) for n in study.ppl_lengths(target)}
+        assert set(result["passkey"]) == {str(n) for n in study.passkey_lengths(target)}
+        assert result["steps"] == (0 if study.RUNS[result["run"]] is None else 2)
+    # the 8x runs extend to 2048 and are measured there; the 4x runs are not
+    assert study.target_of("longlora-8x") == 2048 and "2048" in runs["longlora-8x"]["ppl_press"]
+    assert "2048" not in runs["longlora"]["ppl_press"]
     report = (smoke / "study.md").read_text()
     assert "SMOKE SIZE" in report
     for run in study.RUNS:
@@ -73,12 +78,25 @@ def test_verdicts_follow_the_numbers():
         "lora-s2": entry(3.0, 0.1),
         "lora-plus-no-shift": entry(2.5, 0.2),
     }
-    assert [verdict for _, _, verdict in study.verdicts(table)] == ["agrees"] * 4
+    # the last claim: perplexity falls with a longer context (here it doubles from 256 to 1024)
+    assert [verdict for _, _, verdict in study.verdicts(table)] == ["agrees"] * 4 + ["does not agree"]
     table["full-s2"] = entry(2.5, 0.8)  # S² 25% worse than full attention
     table["lora-s2"] = entry(2.0, 0.9)  # plain LoRA better than LoRA+
+    table["longlora"]["ppl_press"]["256"] = (2.2, 0.0)  # 2.1 at 1024: the longer context helps
     assert [verdict for _, _, verdict in study.verdicts(table)] == [
         "does not agree",
         "agrees",
         "does not agree",
         "agrees",
+        "agrees",
     ]
+
+
+def test_the_8x_verdicts_read_the_8x_numbers():
+    table = {"pi-only-8x": entry(9.0, 0.0), "longlora-8x": entry(2.1, 0.0)}
+    for run in table:  # measured at 2048; their 1024 numbers must not be read
+        table[run]["ppl_press"]["2048"] = table[run]["ppl_press"].pop("1024")
+        table[run]["passkey"]["2048"] = table[run]["passkey"].pop("1024")
+    checks = study.verdicts(table)
+    assert [verdict for _, _, verdict in checks] == ["agrees", "does not agree"]
+    assert "perplexity at 2048: 9.000 vs 2.100" in checks[0][1]

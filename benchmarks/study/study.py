@@ -1,9 +1,9 @@
-"""The LongLoRA ablations at CPU scale: extend the shipped tiny base 4x (256 -> 1024 tokens) in seven ways and
-compare perplexity and passkey retrieval at 1x, 2x and 4x its original context.
+"""The LongLoRA ablations at CPU scale: extend the shipped tiny base 4x (256 -> 1024 tokens) in seven ways, and 8x
+(to 2048 tokens) in three, and compare perplexity and passkey retrieval at 1x, 2x, 4x (and 8x) its original context.
 
 Launch:
 ```bash
-python benchmarks/study/study.py                    # the study: under 60 minutes on 2 cores, writes docs/study.md
+python benchmarks/study/study.py                    # the study: about 45 minutes on 2 cores, writes docs/study.md
 python benchmarks/study/study.py --smoke --output /tmp/study --doc /tmp/study/study.md   # CI: about a minute
 ```
 
@@ -24,6 +24,9 @@ The methods (the paper's Tables 2, 6 and 12 in miniature):
 | `longlora` | LoRA + embeddings + norms (LongLoRA) | LoRA, embed, norms | S², `segments` |
 | `lora-s2` | plain LoRA | LoRA | S², `segments` |
 | `lora-plus-no-shift` | LongLoRA without the shift | LoRA, embed, norms | short attention, no shift |
+
+`pi-only-8x`, `full-attn-8x` and `longlora-8x` are the same methods extending 8x, to 2048 tokens, with the same
+tokens per step (2 rows of 2048 instead of 4 of 1024).
 """
 
 from __future__ import annotations
@@ -44,9 +47,8 @@ sys.path[:0] = [str(ROOT), str(HERE.parent)]  # the package and benchmarks/_meas
 
 BASE = "builtin:tiny-llama-pretrained"
 CONFIG = ROOT / "recipes" / "configs" / "tiny" / "extend_pretrained.yaml"
-ORIGINAL, TARGET = 256, 1024
-PPL_LENGTHS = (256, 512, 1024)
-PASSKEY_LENGTHS = (256, 512, 768, 1024)
+ORIGINAL, TARGET, TARGET_8X = 256, 1024, 2048
+EIGHT_X = {"context_length": str(TARGET_8X), "max_length": str(TARGET_8X), "per_device_train_batch_size": "2"}
 RUNS = {
     "pi-only": None,
     "full-attn": {"trainable": "full", "s2_attention": "false"},
@@ -55,6 +57,9 @@ RUNS = {
     "longlora": {"trainable": "lora_plus"},
     "lora-s2": {"trainable": "lora"},
     "lora-plus-no-shift": {"trainable": "lora_plus", "s2_shift": "none"},
+    "pi-only-8x": None,
+    "full-attn-8x": {"trainable": "full", "s2_attention": "false", **EIGHT_X},
+    "longlora-8x": {"trainable": "lora_plus", **EIGHT_X},
 }
 MAIN_RUNS = ("pi-only", "full-attn", "full-s2", "longlora", "lora-s2")
 LABELS = {
@@ -65,7 +70,26 @@ LABELS = {
     "longlora": "LoRA+ (embed, norms), S²: LongLoRA",
     "lora-s2": "plain LoRA, S²",
     "lora-plus-no-shift": "LoRA+, short attention, no shift",
+    "pi-only-8x": "8x: PI only, no training",
+    "full-attn-8x": "8x: full FT, full attention",
+    "longlora-8x": "8x: LongLoRA",
 }
+
+
+def target_of(run: str) -> int:
+    """The context length the run extends to."""
+    return TARGET_8X if run.endswith("-8x") else TARGET
+
+
+def ppl_lengths(target: int) -> tuple[int, ...]:
+    """Perplexity is measured at 1x, 2x, 4x (and 8x) the original context, up to the run's target."""
+    return tuple(n for n in (256, 512, 1024, 2048) if n <= target)
+
+
+def passkey_lengths(target: int) -> tuple[int, ...]:
+    return (256, 512, 768, 1024) if target == TARGET else (256, 512, 1024, 2048)
+
+
 SIZES = {  # training steps, evaluation tokens, passkey trials
     "full": {"steps": None, "eval_tokens": 24_000, "trials": 20},
     "smoke": {"steps": 2, "eval_tokens": 3_000, "trials": 2},
@@ -85,19 +109,19 @@ def evaluation_tokens(tokenizer, max_tokens: int):
     return np.asarray(held_out_tokens(tokenizer, max_tokens), dtype=np.int64)
 
 
-def evaluate(model, tokenizer, size: dict, seed: int) -> dict:
-    """Perplexity (both protocols) at 1x, 2x, 4x and passkey accuracy by length, with full attention."""
+def evaluate(model, tokenizer, size: dict, seed: int, target: int) -> dict:
+    """Perplexity (both protocols) at 1x, 2x, 4x (8x) and passkey accuracy by length, with full attention."""
     from longlora_hub.evaluation.passkey import run_passkey
 
     tokens = evaluation_tokens(tokenizer, size["eval_tokens"])
     passkey = run_passkey(
-        model, tokenizer, PASSKEY_LENGTHS, trials=size["trials"], seed=seed, batch_size=10, progress=False
+        model, tokenizer, passkey_lengths(target), trials=size["trials"], seed=seed, batch_size=10, progress=False
     )
-    return {"perplexity": perplexities(model, tokens), "passkey": passkey["accuracy"]}
+    return {"perplexity": perplexities(model, tokens, ppl_lengths(target)), "passkey": passkey["accuracy"]}
 
 
-def perplexities(model, tokens) -> dict:
-    """Perplexity at `PPL_LENGTHS` with both protocols: `longlora` windows every 256 tokens, each scored in full;
+def perplexities(model, tokens, lengths) -> dict:
+    """Perplexity at `lengths` with both protocols: `longlora` windows every 256 tokens, each scored in full;
     `press` windows every N/4 tokens, each token scored once with at least 3N/4 tokens of context."""
     from longlora_hub.evaluation.perplexity import evaluate_perplexity
 
@@ -110,7 +134,7 @@ def perplexities(model, tokens) -> dict:
                 )["perplexity"],
                 4,
             )
-            for n in PPL_LENGTHS
+            for n in lengths
             if n < len(tokens)
         }
     return result
@@ -129,10 +153,10 @@ def worker(run: str, seed: int, output: Path, size: dict) -> dict:
 
         from longlora_hub.training import LongLoRAArguments, ModelArguments, prepare_base
 
-        args = ModelArguments(model_name_or_path=BASE, context_length=TARGET)
-        base = prepare_base(args, LongLoRAArguments(), str(folder), TARGET)
+        args = ModelArguments(model_name_or_path=BASE, context_length=target_of(run))
+        base = prepare_base(args, LongLoRAArguments(), str(folder), target_of(run))
         model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(base)
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=True)  # its config has an auto_map
         trainable, loss, steps = 0, [], 0
     else:
         from longlora_hub.demo import load_recipe
@@ -159,7 +183,7 @@ def worker(run: str, seed: int, output: Path, size: dict) -> dict:
         "peak_mib": peak,
         "peak_method": memory.method,
         "loss": loss,
-        **evaluate(model, tokenizer, size, seed),
+        **evaluate(model, tokenizer, size, seed, target_of(run)),
     }
     (folder / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -205,11 +229,11 @@ def verdicts(table: dict) -> list[tuple[str, str, str]]:
     """The paper's claims, each checked against these numbers: (claim, measured, agrees / does not agree)."""
     checks = []
 
-    def ppl(run, n=str(TARGET)):
-        return table[run]["ppl_press"][n][0]
+    def ppl(run, n=None):
+        return table[run]["ppl_press"][n or str(target_of(run))][0]
 
     def passkey(run):
-        return table[run]["passkey"][str(TARGET)][0]
+        return table[run]["passkey"][str(target_of(run))][0]
 
     def compare(claim: str, run: str, other: str, agrees) -> None:
         """`agrees(gap, passkey of run, passkey of other)`, gap = relative perplexity of `run` over `other`."""
@@ -217,8 +241,8 @@ def verdicts(table: dict) -> list[tuple[str, str, str]]:
             return
         gap = ppl(run) / ppl(other) - 1
         measured = (
-            f"perplexity at {TARGET}: {ppl(run):.3f} vs {ppl(other):.3f} ({gap:+.1%}); passkey {passkey(run):.0%} vs "
-            f"{passkey(other):.0%}"
+            f"perplexity at {target_of(run)}: {ppl(run):.3f} vs {ppl(other):.3f} ({gap:+.1%}); passkey "
+            f"{passkey(run):.0%} vs {passkey(other):.0%}"
         )
         if run == "pi-only":
             measured += f"; PI only at {ORIGINAL}: {ppl(run, str(ORIGINAL)):.3f}"
@@ -248,6 +272,25 @@ def verdicts(table: dict) -> list[tuple[str, str, str]]:
         "longlora",
         lambda gap, mine, theirs: gap > 0 and mine <= theirs,
     )
+    compare(
+        "Position Interpolation alone is poor at 8x too: PI only vs LongLoRA, both extended to 2048",
+        "pi-only-8x",
+        "longlora-8x",
+        lambda gap, mine, theirs: gap > 0 and mine <= theirs,
+    )
+    for run in ("longlora", "longlora-8x"):
+        if run not in table:
+            continue
+        longest, shortest = ppl(run), ppl(run, str(ORIGINAL))
+        checks.append(
+            (
+                f"an extended model uses its longer context: perplexity falls from {ORIGINAL} tokens to the target "
+                f"(Tables 3 and 4), {LABELS[run]}",
+                f"perplexity at {ORIGINAL}: {shortest:.3f}, at {target_of(run)}: {longest:.3f} "
+                f"({longest / shortest - 1:+.1%})",
+                "agrees" if longest < shortest else "does not agree",
+            )
+        )
     return checks
 
 
@@ -259,7 +302,7 @@ def plot(table: dict, key: str, lengths: list[str], ylabel: str, path: Path, per
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [list(table)] if percent else [list(table), [run for run in table if run != "pi-only"]]
+    panels = [list(table)] if percent else [list(table), [run for run in table if RUNS[run] is not None]]
     figure, axes_list = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), dpi=110, squeeze=False)
     scale = 100 if percent else 1
     for axes, runs in zip(axes_list[0], panels, strict=True):
@@ -269,7 +312,8 @@ def plot(table: dict, key: str, lengths: list[str], ylabel: str, path: Path, per
             ys = [entry[key][str(x)][0] * scale for x in xs]
             errors = [entry[key][str(x)][1] * scale for x in xs]
             color = f"C{list(RUNS).index(run)}"  # the same colour for a method in both panels
-            axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=LABELS[run], color=color)
+            style = "--" if run.endswith("-8x") else "-"
+            axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=LABELS[run], color=color, linestyle=style)
         axes.axvline(ORIGINAL, color="grey", linestyle=":", linewidth=1)
         axes.set_xticks([int(n) for n in lengths])
         axes.set_xlabel("context length (tokens); dotted: the base's context")
@@ -287,10 +331,11 @@ def write_report(results: list[dict], output: Path, doc: Path, smoke: bool) -> N
     table = aggregate(results)
     (output / "study.json").write_text(json.dumps({"runs": table, "results": results}, indent=1) + "\n")
     doc.parent.mkdir(parents=True, exist_ok=True)
-    ppl_lengths = [str(n) for n in PPL_LENGTHS]
-    passkey_lengths = [str(n) for n in PASSKEY_LENGTHS]
-    plot(table, "ppl_press", ppl_lengths, "perplexity (sliding window)", doc.with_name("study_perplexity.png"))
-    plot(table, "passkey", passkey_lengths, "passkey accuracy (%)", doc.with_name("study_passkey.png"), True)
+    targets = sorted({target_of(run) for run in table})
+    ppl_columns = [str(n) for n in sorted({n for t in targets for n in ppl_lengths(t)})]
+    passkey_columns = [str(n) for n in sorted({n for t in targets for n in passkey_lengths(t)})]
+    plot(table, "ppl_press", ppl_columns, "perplexity (sliding window)", doc.with_name("study_perplexity.png"))
+    plot(table, "passkey", passkey_columns, "passkey accuracy (%)", doc.with_name("study_passkey.png"), True)
 
     lines = [
         "# The LongLoRA ablations at CPU scale",
@@ -298,18 +343,19 @@ def write_report(results: list[dict], output: Path, doc: Path, smoke: bool) -> N
         "Generated by `python benchmarks/study/study.py`" + (" (SMOKE SIZE: not results)" if smoke else "") + ".",
         "",
         f"The shipped tiny base (`{BASE}`, context {ORIGINAL}) extended {TARGET // ORIGINAL}x to {TARGET} tokens "
+        f"(and, in the rows marked 8x, to {TARGET_8X}) "
         "with Position Interpolation, trained as in `recipes/configs/tiny/extend_pretrained.yaml` plus each "
         "method's overrides, and evaluated with full attention on held-out documents of the generated corpus. Mean "
         "± half the range over the seeds listed.",
         "",
         "## Perplexity",
         "",
-        "| method | seeds | " + " | ".join(f"{n} longlora | {n} press" for n in ppl_lengths) + " |",
-        "|---|---|" + "---|---|" * len(ppl_lengths),
+        "| method | seeds | " + " | ".join(f"{n} longlora | {n} press" for n in ppl_columns) + " |",
+        "|---|---|" + "---|---|" * len(ppl_columns),
     ]
     for run, entry in table.items():
         cells = []
-        for n in ppl_lengths:
+        for n in ppl_columns:
             for protocol in ("longlora", "press"):
                 value = entry[f"ppl_{protocol}"].get(n)
                 cells.append(_cell(value, 3) if value else "-")
@@ -323,11 +369,13 @@ def write_report(results: list[dict], output: Path, doc: Path, smoke: bool) -> N
         "",
         "## Passkey retrieval",
         "",
-        "| method | " + " | ".join(passkey_lengths) + " |",
-        "|---|" + "---|" * len(passkey_lengths),
+        "| method | " + " | ".join(passkey_columns) + " |",
+        "|---|" + "---|" * len(passkey_columns),
     ]
     for run, entry in table.items():
-        cells = " | ".join(_cell(entry["passkey"][n], 0, True) for n in passkey_lengths)
+        cells = " | ".join(
+            _cell(entry["passkey"][n], 0, True) if n in entry["passkey"] else "-" for n in passkey_columns
+        )
         lines.append(f"| {LABELS[run]} | {cells} |")
     lines += [
         "",
@@ -396,9 +444,10 @@ def main(argv: list[str] | None = None) -> None:
         if path.exists():
             result = json.loads(path.read_text())
             results.append(result)
-            ppl = result["perplexity"]["press"].get(str(TARGET), math.nan)
+            target = target_of(run)
+            ppl = result["perplexity"]["press"].get(str(target), math.nan)
             print(
-                f"[study] {run} seed {seed}: {result['train_s']:.0f} s, ppl@{TARGET} {ppl:.3f}, passkey "
+                f"[study] {run} seed {seed}: {result['train_s']:.0f} s, ppl@{target} {ppl:.3f}, passkey "
                 f"{result['passkey']}",
                 flush=True,
             )
