@@ -305,7 +305,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 # LlamaLongLoRA runs code from this repository: read it, then pin the commit you read
 REVISION = "<commit sha>"  # e.g. HfApi().list_repo_commits("{repo_id}")[0].commit_id
 model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True, revision=REVISION, dtype="auto")
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}", revision=REVISION)
+# the config names remote code, so the tokenizer needs the flag too (without it transformers asks)
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True, revision=REVISION)
 ```
 
 In eval mode the model is a standard Llama with Position Interpolation; S²-Attn applies only in training mode,

@@ -117,6 +117,8 @@ def test_merged_push_private_pinned_pull_without_the_package(hub, trained, tmp_p
     assert {"modeling_llama_longlora.py", "s2_attention.py", "configuration_llama_longlora.py"} <= set(files)
     card = files["README.md"].decode()
     assert "library_name: transformers" in card and "trust_remote_code=True, revision=REVISION" in card
+    # the tokenizer too: its config names remote code, and without the flag transformers stops to ask
+    assert 'AutoTokenizer.from_pretrained("me/tiny-merged", trust_remote_code=True, revision=REVISION)' in card
 
     torch.save(trained["ids"], tmp_path / "ids.pt")
     env = {**os.environ, **hub.env, "HF_MODULES_CACHE": str(tmp_path / "modules")}
