@@ -312,7 +312,7 @@ def plot(table: dict, key: str, lengths: list[str], ylabel: str, path: Path, per
             ys = [entry[key][str(x)][0] * scale for x in xs]
             errors = [entry[key][str(x)][1] * scale for x in xs]
             color = f"C{list(RUNS).index(run)}"  # the same colour for a method in both panels
-            style = "--" if run.endswith("-8x") else "-"
+            style = "-" if target_of(run) == TARGET else "--"  # dashed: the 8x runs
             axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=LABELS[run], color=color, linestyle=style)
         axes.axvline(ORIGINAL, color="grey", linestyle=":", linewidth=1)
         axes.set_xticks([int(n) for n in lengths])
