@@ -7,9 +7,12 @@ exactly the parameters of Llama, so the base's weight files serve unchanged.
 
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 import uuid
+from collections.abc import Callable, Iterable
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +27,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "llama_longlora")
 PROVENANCE_FILE = "longlora_hub.json"
 REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
 
-WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+# the weight formats transformers loads, in its order of preference, each with the index that names its shards: a
+# checkpoint holding both is read from safetensors only, so only those are downloaded and copied
+WEIGHT_FORMATS = ((".safetensors", "model.safetensors.index.json"), (".bin", "pytorch_model.bin.index.json"))
 TOKENIZER_PATTERNS = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -102,8 +107,88 @@ def is_local(name: str | Path) -> bool:
     return Path(name).expanduser().exists()
 
 
+def checkpoint_files(names: Iterable[str], locate: Callable[[str], Path]) -> list[str]:
+    r"""
+    The files of a checkpoint that loading and conversion need, out of all the files it holds.
+
+    That is `config.json`, the provenance file, the tokenizer, the generation config, the README and license files,
+    and the weights in one format: safetensors when there are any, else PyTorch `.bin` (never `training_args.bin`).
+    When the format's index (`model.safetensors.index.json` or `pytorch_model.bin.index.json`) is there, the weights
+    are the index and the shards it names; otherwise every file of that format. Only top-level files count: the
+    subfolders of a Hub repo hold other formats (Meta's `original/*.pth`, ...) that no loader reads.
+
+    Args:
+        names (`Iterable[str]`):
+            The checkpoint's files, as paths relative to its folder with `/` separators (a Hub repo's listing).
+        locate (`Callable[[str], Path]`):
+            Where one of those files is on disk (downloading it if needed); called for the index only.
+
+    Returns:
+        `list[str]`: The needed names, sorted.
+
+    Raises:
+        `FileNotFoundError`: If the index names shards the checkpoint does not hold.
+        `ValueError`: If the index is not valid JSON or has no `weight_map`.
+    """
+    top = {name for name in names if "/" not in name}
+    patterns = ("config.json", PROVENANCE_FILE, *TOKENIZER_PATTERNS, *OTHER_PATTERNS)
+    needed = {name for name in top if any(fnmatchcase(name, pattern) for pattern in patterns)}
+    for suffix, index in WEIGHT_FORMATS:
+        if index in top:
+            shards = _index_shards(locate(index))
+            missing = sorted(shards - top)
+            if missing:
+                raise FileNotFoundError(
+                    f"{index} names {len(missing)} weight files the checkpoint does not hold (e.g. {missing[0]}); "
+                    "pass a complete checkpoint, or restore the missing shards from the original."
+                )
+            return sorted(needed | shards | {index})
+        weights = {name for name in top if name.endswith(suffix) and name not in SKIPPED_FILES}
+        if weights:
+            return sorted(needed | weights)
+    return sorted(needed)
+
+
+def _index_shards(path: Path) -> set[str]:
+    """The shard files a sharded checkpoint's index names (the values of its `weight_map`)."""
+    try:
+        return set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values())
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{path} is not a valid weights index ({type(error).__name__}: {error}); restore it from the original "
+            "checkpoint."
+        ) from None
+
+
+def _download_error(base: str, error: Exception) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{base} is not a local folder and could not be downloaded from the Hugging Face Hub "
+        f"({type(error).__name__}: {error}). Check the path, the repo id and revision, your network, and for gated "
+        "models your access and token (`hf auth login`)."
+    )
+
+
 def resolve_checkpoint(base: str | Path, revision: str | None = None) -> Path:
-    """A local folder as is; anything else that is a valid Hub repo id is downloaded (config, weights, tokenizer)."""
+    r"""
+    The folder of a checkpoint: a local folder as is, a Hub repo id downloaded into the Hugging Face cache.
+
+    From the Hub, only what `checkpoint_files` picks is downloaded (config, tokenizer, generation config, README and
+    license, and the weights in one format), so a repo that also carries `.bin` copies of its safetensors or Meta's
+    `original/` weights costs no more than the model itself. When the Hub cannot be reached (offline mode, no
+    network), a snapshot of that revision already in the cache serves, as with `snapshot_download`.
+
+    Args:
+        base (`str` or `Path`):
+            A local checkpoint folder or a Hub repo id.
+        revision (`str`, *optional*):
+            The branch, tag or commit of a Hub repo; defaults to its default branch. Ignored for a local folder.
+
+    Returns:
+        `Path`: The checkpoint folder (for a Hub id, its snapshot in the cache).
+
+    Raises:
+        `FileNotFoundError`: If `base` is a file, neither a folder nor a valid repo id, or cannot be downloaded.
+    """
     base = str(base)
     local = Path(base).expanduser()
     if local.exists():
@@ -119,28 +204,51 @@ def resolve_checkpoint(base: str | Path, revision: str | None = None) -> Path:
             f"No folder at {base}. Pass an existing checkpoint folder or a Hub repo id such as "
             "'meta-llama/Llama-2-7b-hf'."
         ) from None
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        names = HfApi().list_repo_files(base, revision=revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as error:  # the cache must not hide a wrong id
+        raise _download_error(base, error) from error
+    except Exception as error:  # offline, network, Hub down: what the cache holds may do
+        return _cached_checkpoint(base, revision, error)
+
+    def download(name: str) -> Path:
+        try:
+            return Path(hf_hub_download(base, name, revision=revision))
+        except Exception as error:
+            raise _download_error(base, error) from error
+
+    needed = checkpoint_files(names, download)
+    try:
+        # the names as literal patterns: snapshot_download matches with fnmatch, whose `*` also crosses folders
+        return Path(snapshot_download(base, revision=revision, allow_patterns=[glob.escape(n) for n in needed]))
+    except Exception as error:
+        raise _download_error(base, error) from error
+
+
+def _cached_checkpoint(base: str, revision: str | None, error: Exception) -> Path:
+    """The cached snapshot of a Hub checkpoint that could not be listed, if it holds weights; else the error."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(
-            snapshot_download(
-                base,
-                revision=revision,
-                allow_patterns=["config.json", PROVENANCE_FILE, *WEIGHT_PATTERNS, *TOKENIZER_PATTERNS, *OTHER_PATTERNS],
-            )
-        )
-    except Exception as error:  # network, auth, missing repo: all end the same way for the user
-        raise FileNotFoundError(
-            f"{base} is not a local folder and could not be downloaded from the Hugging Face Hub "
-            f"({type(error).__name__}: {error}). Check the path or the repo id, your network, and for gated models "
-            "your access and token (`hf auth login`)."
-        ) from error
+        folder = Path(snapshot_download(base, revision=revision, local_files_only=True, allow_patterns="config.json"))
+    except Exception:
+        raise _download_error(base, error) from error
+    names = [path.name for path in folder.iterdir() if path.is_file()]
+    found = checkpoint_files(names, lambda name: folder / name)
+    if not any(name.endswith((".safetensors", ".bin")) for name in found):
+        # e.g. only the config.json that transformers fetched: not a checkpoint to work from
+        raise _download_error(base, error) from error
+    return folder
 
 
 def _files_to_copy(folder: Path) -> list[Path]:
-    patterns = (*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS, *OTHER_PATTERNS)
-    found = {path for pattern in patterns for path in folder.glob(pattern) if path.is_file()}
-    return sorted(path for path in found if path.name not in SKIPPED_FILES)
+    """The base's files that a conversion copies: what `checkpoint_files` picks, less the two files it rewrites."""
+    names = [path.name for path in folder.iterdir() if path.is_file()]
+    needed = checkpoint_files(names, lambda name: folder / name)
+    return [folder / name for name in needed if name not in ("config.json", PROVENANCE_FILE)]
 
 
 def _check_output(output: Path, base_folder: Path) -> None:
@@ -333,6 +441,7 @@ __all__ = [
     "PROVENANCE_FILE",
     "SUPPORTED_MODEL_TYPES",
     "build_config",
+    "checkpoint_files",
     "convert_checkpoint",
     "read_provenance",
     "remote_code_files",

@@ -192,7 +192,7 @@ def prepare_base(model_args: ModelArguments, ll_args: LongLoRAArguments, output_
     """The LlamaLongLoRA checkpoint to train: the given one if it already covers the context, otherwise a
     conversion into `output_dir/base` (config + remote code, weights symlinked, tokenizer copied) that the
     adapter then names as its base. Only the main process writes; call it under `main_process_first`."""
-    from .convert import convert_checkpoint
+    from .convert import convert_checkpoint, is_local, resolve_checkpoint
 
     source = model_args.model_name_or_path
     if source.startswith("builtin:"):
@@ -221,11 +221,8 @@ def prepare_base(model_args: ModelArguments, ll_args: LongLoRAArguments, output_
             f"{base} holds a conversion to {existing.get('max_position_embeddings')} tokens, not {target}; remove it "
             "or use another output_dir."
         )
-    local = Path(source)
-    if not local.exists():
-        from huggingface_hub import snapshot_download
-
-        local = Path(snapshot_download(source, revision=model_args.model_revision))
+    # a Hub id: only what loading needs (one weight format, no `original/` folder), into the Hugging Face cache
+    local = resolve_checkpoint(source, revision=model_args.model_revision)
     return convert_checkpoint(
         local,
         base,
@@ -236,7 +233,7 @@ def prepare_base(model_args: ModelArguments, ll_args: LongLoRAArguments, output_
         rope_type=model_args.rope_type,
         ceil=model_args.rope_ceil,
         link_weights=True,
-        base_model=None if local.resolve() == Path(source).resolve() else source,
+        base_model=None if is_local(source) else source,
     )
 
 

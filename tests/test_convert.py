@@ -1,7 +1,9 @@
 """Checkpoint conversion (longlora_hub.convert) and the `longlora-hub convert` command."""
 
 import json
+import re
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from transformers import LlamaForCausalLM
 
 from longlora_hub import convert as convert_module
 from longlora_hub.cli import main
-from longlora_hub.convert import convert_checkpoint, remote_code_files
+from longlora_hub.convert import convert_checkpoint, remote_code_files, resolve_checkpoint
 from longlora_hub.remote_code.modeling_llama_longlora import LlamaLongLoRAForCausalLM
 from longlora_hub.testing import build_tiny_tokenizer, tiny_llama
 
@@ -161,7 +163,8 @@ def test_empty_output_folder_is_accepted(base, tmp_path):
 # the weights are copied, never loaded
 
 
-def test_weights_are_never_loaded(base, tmp_path, monkeypatch):
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_weights_are_never_loaded(base, tmp_path, monkeypatch, weights):
     import safetensors
     import safetensors.torch
 
@@ -171,12 +174,29 @@ def test_weights_are_never_loaded(base, tmp_path, monkeypatch):
     for module, name in [(safetensors.torch, "load_file"), (safetensors.torch, "load"), (torch, "load")]:
         monkeypatch.setattr(module, name, refuse)
     monkeypatch.setattr(safetensors, "safe_open", refuse)
-    corrupt = b"\x00\xffnot a safetensors file" * 100  # loading it would fail; copying must not care
-    (base / "model.safetensors").write_bytes(corrupt)
-    (base / "pytorch_model.bin").write_bytes(corrupt[::-1])
+    corrupt = b"\x00\xffnot a weights file" * 100  # loading it would fail; copying must not care
+    (base / "model.safetensors").unlink()
+    (base / weights).write_bytes(corrupt)
     out = convert_checkpoint(base, tmp_path / "out", 512)
-    assert (out / "model.safetensors").read_bytes() == corrupt
-    assert (out / "pytorch_model.bin").read_bytes() == corrupt[::-1]
+    assert (out / weights).read_bytes() == corrupt
+
+
+def test_a_folder_with_both_formats_gives_only_safetensors(base, tmp_path):
+    """transformers reads the safetensors of a folder that has both; a `.bin` copy would only cost disk."""
+    (base / "pytorch_model.bin").write_bytes(b"a pickled copy of the same weights")
+    out = convert_checkpoint(base, tmp_path / "out", 512)
+    assert same_bytes(base / "model.safetensors", out / "model.safetensors")
+    assert not list(out.glob("*.bin"))
+
+
+def test_an_index_naming_a_missing_shard_is_refused(tmp_path):
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base, max_shard_size="200KB")
+    shards = sorted(base.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(FileNotFoundError, match=rf"index.json names 1 weight files .*{shards[-1].name}.*complete"):
+        convert_checkpoint(base, tmp_path / "out", 512)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failure_leaves_nothing_behind(base, tmp_path, monkeypatch):
@@ -255,32 +275,174 @@ def test_output_is_base(base):
         convert_checkpoint(base, base / ".." / base.name, 1024)
 
 
-def test_hub_id_downloads_only_what_is_copied(base, tmp_path, monkeypatch):
-    import huggingface_hub
+# ---------------------------------------------------------------------------------------------------------------
+# from a Hub id (against the local Hub of tests/hub_server.py): only what loading needs is downloaded
 
-    calls = []
-
-    def fake_download(repo_id, **kwargs):
-        calls.append((repo_id, kwargs))
-        return str(base)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    out = convert_checkpoint("someone/tiny-llama", tmp_path / "out", 512)
-    assert read_config(out)["rope_parameters"]["factor"] == 2.0
-    [(repo_id, kwargs)] = calls
-    assert repo_id == "someone/tiny-llama"
-    patterns = kwargs["allow_patterns"]
-    assert {"config.json", "*.safetensors", "tokenizer.json", "generation_config.json"} <= set(patterns)
+# what the base checkpoint's Hub repos hold besides a model, and no loader reads: Meta's original weights in a
+# subfolder (one safetensors file, which a `*.safetensors` pattern would catch), the Trainer's pickled arguments
+EXTRA_FILES = {
+    "original/consolidated.00.pth": b"meta weights",
+    "original/params.json": b"{}",
+    "original/consolidated.safetensors": b"meta weights again",
+    "training_args.bin": b"pickled arguments",
+}
 
 
-def test_unreachable_hub_id(tmp_path, monkeypatch):
-    import huggingface_hub
+def upload(folder: Path, repo_id: str, files: dict[str, bytes] | None = None) -> None:
+    """Create `repo_id` on the local Hub holding `folder` and `files` (path in the repo -> content)."""
+    from huggingface_hub import HfApi
 
-    def offline(repo_id, **kwargs):
-        raise ConnectionError("no network")
+    for name, content in (files or {}).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    api = HfApi()
+    api.create_repo(repo_id)
+    api.upload_folder(folder_path=folder, repo_id=repo_id)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(FileNotFoundError, match=r"not a local folder and could not be downloaded.*no network"):
+
+def downloaded(hub, repo_id: str) -> set[str]:
+    """The files of `repo_id` whose content the clients fetched (GET, not HEAD) from the local Hub."""
+    from urllib.parse import unquote
+
+    prefix = re.compile(rf"^/{re.escape(repo_id)}/resolve/[^/]+/")
+    return {unquote(prefix.sub("", path)) for _, path, _ in hub.server.calls("GET", prefix.pattern)}
+
+
+def loader_files(folder: Path, weights: list[str]) -> set[str]:
+    """What loading `folder` needs: config, tokenizer, generation config, README and LICENSE, and `weights`."""
+    kept = ("config.json", "generation_config.json", "README.md", "LICENSE")
+    return {p.name for p in folder.iterdir() if p.name in kept or p.name.startswith("tokenizer")} | set(weights)
+
+
+def test_hub_id_downloads_only_safetensors_and_top_level_files(hub, base, tmp_path):
+    """A repo with safetensors AND .bin weights, Meta's `original/` folder and `training_args.bin`: convert takes
+    the config, tokenizer, generation config, README, LICENSE and `model.safetensors`, nothing else."""
+    wanted = loader_files(base, ["model.safetensors"])
+    upload(base, "me/tiny-llama", {"pytorch_model.bin": b"a pickled copy", **EXTRA_FILES})
+    out = convert_checkpoint("me/tiny-llama", tmp_path / "out", 512)
+    assert downloaded(hub, "me/tiny-llama") == wanted
+    [snapshot] = (hub.home / "hub" / "models--me--tiny-llama" / "snapshots").iterdir()
+    assert {str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()} == wanted
+    assert same_bytes(base / "model.safetensors", out / "model.safetensors")
+    assert not list(out.glob("*.bin")) and not (out / "original").exists()
+    assert json.loads((out / "longlora_hub.json").read_text())["base_model"] == "me/tiny-llama"
+    assert LlamaLongLoRAForCausalLM.from_pretrained(out).config.max_position_embeddings == 512
+    assert not hub.server.unhandled and not hub.server.errors
+
+
+def test_training_from_a_hub_id_downloads_only_what_loading_needs(hub, base, tmp_path):
+    """`prepare_base` (the recipe's on-the-fly conversion) goes through the same resolver, at the asked revision."""
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForCausalLM
+
+    from longlora_hub.training import LongLoRAArguments, ModelArguments, prepare_base
+
+    wanted = loader_files(base, ["model.safetensors"])
+    upload(base, "me/tiny-llama", {"pytorch_model.bin": b"a pickled copy", **EXTRA_FILES})
+    api = HfApi()
+    api.create_branch("me/tiny-llama", branch="v1")
+    api.upload_file(path_or_fileobj=b"# a later card\n", path_in_repo="README.md", repo_id="me/tiny-llama")
+    model_args = ModelArguments(model_name_or_path="me/tiny-llama", model_revision="v1", context_length=512)
+    out = prepare_base(model_args, LongLoRAArguments(), str(tmp_path / "run"), 512)
+    assert out == tmp_path / "run" / "base"
+    assert downloaded(hub, "me/tiny-llama") == wanted
+    assert same_bytes(base / "README.md", out / "README.md")  # v1's card, not main's
+    assert (out / "model.safetensors").is_symlink() and not list(out.glob("*.bin"))
+    assert json.loads((out / "longlora_hub.json").read_text())["base_model"] == "me/tiny-llama"
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "LlamaLongLoRAForCausalLM" and model.config.max_position_embeddings == 512
+
+
+def fake_bin_checkpoint(folder: Path, shards: int) -> list[str]:
+    """A Llama config and tokenizer with PyTorch `.bin` weights (never loaded by convert: any bytes do), in
+    `shards` files with an index, or in one `pytorch_model.bin` when `shards` is 0. Returns the weight files."""
+    tiny_llama().config.save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    if not shards:
+        (folder / "pytorch_model.bin").write_bytes(b"pickled weights")
+        return ["pytorch_model.bin"]
+    names = [f"pytorch_model-{i:05d}-of-{shards:05d}.bin" for i in range(1, shards + 1)]
+    for name in names:
+        (folder / name).write_bytes(name.encode())
+    weight_map = {f"model.layers.{i}.weight": name for i, name in enumerate(names)}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return [*names, "pytorch_model.bin.index.json"]
+
+
+@pytest.mark.parametrize("shards", [0, 2])
+def test_hub_id_with_only_bin_weights_downloads_the_bin(hub, tmp_path, shards):
+    folder = tmp_path / "bin-llama"
+    weights = fake_bin_checkpoint(folder, shards)
+    wanted = loader_files(folder, weights)
+    upload(folder, "me/bin-llama", EXTRA_FILES)
+    out = convert_checkpoint("me/bin-llama", tmp_path / "out", 512)
+    assert downloaded(hub, "me/bin-llama") == wanted
+    assert sorted(p.name for p in out.glob("*.bin*")) == sorted(weights)
+
+
+def test_sharded_hub_id_downloads_the_index_and_its_shards(hub, tmp_path):
+    """Only the shards the index names: not a `consolidated.safetensors` next to them (Mistral's repos), nor .bin."""
+    folder = tmp_path / "sharded"
+    tiny_llama().save_pretrained(folder, max_shard_size="200KB")
+    build_tiny_tokenizer().save_pretrained(folder)
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    wanted = loader_files(folder, [*shards, "model.safetensors.index.json"])
+    upload(folder, "me/sharded", {"consolidated.safetensors": b"one more copy", "pytorch_model.bin": b"and another"})
+    out = convert_checkpoint("me/sharded", tmp_path / "out", 512)
+    assert downloaded(hub, "me/sharded") == wanted
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    model = LlamaLongLoRAForCausalLM.from_pretrained(out)
+    reference = LlamaForCausalLM.from_pretrained(folder)
+    for (name, param), (_, expected) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(param, expected), name
+
+
+def test_merge_reads_a_hub_base_through_the_same_resolver(hub, tmp_path):
+    from longlora_hub.merge import merge_adapter
+    from longlora_hub.testing import sharded_base_and_adapter
+
+    base, adapter = sharded_base_and_adapter(tmp_path / "made", num_shards=3)
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    wanted = loader_files(base, [*shards, "model.safetensors.index.json"])
+    upload(base, "me/merge-base", EXTRA_FILES)
+    merged = merge_adapter(adapter, tmp_path / "merged", base="me/merge-base")
+    assert downloaded(hub, "me/merge-base") == wanted
+    assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
+
+
+def test_offline_a_cached_hub_checkpoint_still_serves(hub, base, monkeypatch):
+    from huggingface_hub import constants
+
+    upload(base, "me/tiny-llama", EXTRA_FILES)
+    online = resolve_checkpoint("me/tiny-llama")
+    seen = len(hub.server.requests)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_checkpoint("me/tiny-llama") == online
+    assert len(hub.server.requests) == seen
+    with pytest.raises(FileNotFoundError, match=r"(?s)me/other.*could not be downloaded.*OfflineModeIsEnabled"):
+        resolve_checkpoint("me/other")
+
+
+def test_unknown_hub_id_and_revision(hub, base, tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=r"(?s)not a local folder and could not be downloaded.*RepositoryNotFound"
+    ):
+        convert_checkpoint("someone/tiny-llama", tmp_path / "out", 512)
+    upload(base, "me/tiny-llama")
+    with pytest.raises(FileNotFoundError, match=r"(?s)could not be downloaded.*RevisionNotFound.*repo id and revision"):
+        resolve_checkpoint("me/tiny-llama", revision="no-such-branch")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_hub_id(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    with socket.socket() as closed:  # a port nothing listens on: the connection is refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(FileNotFoundError, match=r"(?s)not a local folder and could not be downloaded.*Connect"):
         convert_checkpoint("someone/tiny-llama", tmp_path / "out", 512)
     assert not (tmp_path / "out").exists()
 
