@@ -10,6 +10,11 @@ with the base's RoPE (Position Interpolation in `rope_parameters` and the legacy
 tokenizer and generation config, and either the LlamaLongLoRA remote code (`architecture="llama_longlora"`: S²
 training can continue) or a stock Llama config (`architecture="llama"`: any engine loads it without
 `trust_remote_code`; inference uses standard attention either way).
+
+A tied base (`tie_word_embeddings`, no `lm_head.weight` in its files, like SmolLM2 or Llama-3.2-1B) whose embedding or
+`lm_head` the adapter changes comes out untied: PEFT applies the change to that layer alone, so the merge writes
+`lm_head.weight` (read from the base's embedding, then changed only by the adapter's own `lm_head` changes) and sets
+`tie_word_embeddings: false`. Otherwise the tie is kept and no `lm_head.weight` is written.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import re
 import shutil
 import uuid
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +60,8 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3  # the Hub's recommendation: files a browse
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+INPUT_EMBEDDING = "model.embed_tokens.weight"
+OUTPUT_EMBEDDING = "lm_head.weight"  # absent from a tied base's files: transformers ties it to the input embedding
 # config keys that only LlamaLongLoRA understands; a stock Llama config must not carry them
 LONGLORA_CONFIG_KEYS = ("auto_map", "s2_attention", "s2_group_size_ratio", "s2_group_size", "s2_shift")
 
@@ -149,6 +156,10 @@ def load_adapter(folder: str | Path) -> Adapter:
             pairs.setdefault(module, {})[part] = tensor
         elif ".lora_" in name or "lora_magnitude" in name:
             raise MergeError(f"{folder}: adapter tensor {key!r} is of a kind this merge does not know.")
+        elif name.endswith(".base_layer.weight"):
+            # PEFT's copy of a LoRA-targeted embedding or lm_head (`save_embedding_layers`, on by default for them):
+            # `PeftModel` loads it over the base's weight, and the LoRA delta applies on top
+            adapter.replacements[name.removesuffix(".base_layer.weight") + ".weight"] = tensor
         else:  # a module trained in full (modules_to_save): its tensor replaces the base's
             adapter.replacements[name] = tensor
     for module, parts in pairs.items():
@@ -204,6 +215,39 @@ def _shard_name(index: int, count: int) -> str:
     return "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
+def _untied_output(
+    base_folder: Path, entries: list[tuple[Path, TensorEntry]], adapter: Adapter
+) -> tuple[Path, TensorEntry] | None:
+    r"""
+    The `lm_head.weight` a tied base (`tie_word_embeddings`, no `lm_head.weight` in its files) needs in the merge, or
+    `None` when the merged model keeps the tie.
+
+    PEFT does not keep the tie of an adapted layer: `modules_to_save` trains a copy of the embedding while `lm_head`
+    stays tied to the frozen original, and a LoRA on `embed_tokens` or `lm_head` changes only that layer. The merged
+    model then needs both tensors and `tie_word_embeddings: false`. The returned entry points at the base's embedding
+    bytes under the new name, so the output layer is read, changed by the adapter's own `lm_head` changes if any,
+    cast and written like any other tensor. PEFT's `ensure_weight_tying` saves one trained tensor under both names;
+    then the tie holds and the duplicate is dropped from `adapter`.
+    """
+    config = json.loads((base_folder / "config.json").read_text(encoding="utf-8"))
+    by_name = {entry.name: (path, entry) for path, entry in entries}
+    if not config.get("tie_word_embeddings") or OUTPUT_EMBEDDING in by_name or INPUT_EMBEDDING not in by_name:
+        return None
+    head, embedding = adapter.replacements.get(OUTPUT_EMBEDDING), adapter.replacements.get(INPUT_EMBEDDING)
+    if (
+        head is not None
+        and embedding is not None
+        and not {INPUT_EMBEDDING, OUTPUT_EMBEDDING} & set(adapter.deltas)
+        and torch.equal(head, embedding)
+    ):
+        del adapter.replacements[OUTPUT_EMBEDDING]
+        return None
+    if not {INPUT_EMBEDDING, OUTPUT_EMBEDDING} & adapter.targets:
+        return None
+    path, entry = by_name[INPUT_EMBEDDING]
+    return path, replace(entry, name=OUTPUT_EMBEDDING)
+
+
 def _merged(name: str, tensor: torch.Tensor, adapter: Adapter, out_dtype: torch.dtype) -> torch.Tensor:
     if name in adapter.replacements:
         trained = adapter.replacements[name]
@@ -212,7 +256,7 @@ def _merged(name: str, tensor: torch.Tensor, adapter: Adapter, out_dtype: torch.
                 f"The adapter's {name} has shape {tuple(trained.shape)} but the base's is {tuple(tensor.shape)}: "
                 "the adapter was trained on another base (or a resized vocabulary). Pass the right --base."
             )
-        return trained.to(out_dtype)
+        tensor = trained  # a LoRA delta of the same layer, if any, goes on top (PEFT's saved base-layer copy)
     if name in adapter.deltas:
         delta = adapter.deltas[name].delta()
         if delta.shape != tensor.shape:
@@ -225,7 +269,12 @@ def _merged(name: str, tensor: torch.Tensor, adapter: Adapter, out_dtype: torch.
 
 
 def _write_config(
-    base_folder: Path, staging: Path, architecture: str, dtype: torch.dtype | None, base_dtype: torch.dtype | None
+    base_folder: Path,
+    staging: Path,
+    architecture: str,
+    dtype: torch.dtype | None,
+    base_dtype: torch.dtype | None,
+    untie: bool = False,
 ) -> dict[str, Any]:
     config_dict = json.loads((base_folder / "config.json").read_text(encoding="utf-8"))
     if config_dict.get("model_type") not in ("llama", "llama_longlora"):
@@ -233,6 +282,8 @@ def _write_config(
             f"The base at {base_folder} is a {config_dict.get('model_type')!r} model; this merge writes Llama-family "
             "checkpoints."
         )
+    if untie:  # the merge wrote lm_head.weight; a tied config would make transformers drop it for the embedding
+        config_dict["tie_word_embeddings"] = False
     dtype_name = str(dtype or base_dtype or torch.float32).removeprefix("torch.")
     config_dict.pop("torch_dtype", None)
     config_dict["dtype"] = dtype_name
@@ -253,6 +304,8 @@ def _write_config(
         values = {key: value for key, value in config_dict.items() if key not in dropped}
         rope = read_rope(config_dict)  # one clean RoPE, whichever forms the base's config.json used
         rope.pop("original_max_position_embeddings", None)
+        if rope["rope_type"] == "default":  # an unscaled RoPE has no factor; transformers warns about one
+            rope.pop("factor", None)
         values.update(model_type="llama", architectures=["LlamaForCausalLM"], rope_parameters=rope)
         LlamaConfig(**values).save_pretrained(staging)
         written = json.loads((staging / "config.json").read_text(encoding="utf-8"))
@@ -330,6 +383,9 @@ def merge_adapter(
 
     files = _base_files(base_folder)
     entries = [(path, entry) for path in files for entry in read_header(path)[0]]
+    output_embedding = _untied_output(base_folder, entries, lora)
+    if output_embedding is not None:
+        entries.append(output_embedding)
     names = {entry.name for _, entry in entries}
     unknown = sorted(lora.targets - names)
     if unknown:
@@ -366,7 +422,7 @@ def merge_adapter(
         if len(shards) > 1:
             index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (staging / SAFETENSORS_INDEX).write_text(json.dumps(index_json, indent=2) + "\n", encoding="utf-8")
-        _write_config(base_folder, staging, architecture, dtype, base_dtype)
+        _write_config(base_folder, staging, architecture, dtype, base_dtype, untie=output_embedding is not None)
         _copy_side_files(lora, base_folder, staging)
         provenance = read_provenance(base_folder)
         provenance["license"] = read_license(base_folder)

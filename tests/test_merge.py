@@ -139,6 +139,149 @@ def test_adapter_scaling_variants(tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+def _tied_base_and_adapter(folder, peft_config, seed=0):
+    """A tiny tied Llama saved with `save_pretrained` (so no lm_head.weight on disk) and an adapter for it with every
+    trainable tensor moved off its initial value, as training would."""
+    from peft import get_peft_model
+
+    from longlora_hub.testing import tiny_llama
+
+    model = tiny_llama(seed, tie_word_embeddings=True)
+    base = folder / "base"
+    model.save_pretrained(base)
+    peft_model = get_peft_model(model, peft_config)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    peft_model.save_pretrained(folder / "adapter")
+    return base, folder / "adapter"
+
+
+def _weights(folder):
+    """Every tensor of a saved checkpoint, whichever shards hold it."""
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return tensors
+
+
+def _adapter_logits(base, adapter, ids):
+    """Logits of PEFT's base + adapter, and of PEFT's own `merge_and_unload()` of it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        merged = model.merge_and_unload()(ids).logits
+    return unmerged, merged
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """A tied base and a lora_plus adapter whose trained embedding differs from the base's."""
+    from longlora_hub.trainable import lora_config
+
+    return _tied_base_and_adapter(tmp_path_factory.mktemp("tied"), lora_config("lora_plus"))
+
+
+@pytest.mark.parametrize("architecture", ["llama_longlora", "llama"])
+def test_tied_base_with_trained_embedding_is_untied(tied, tmp_path, architecture):
+    """PEFT trains a copy of a tied embedding while lm_head keeps the original: the merge writes that original as
+    lm_head.weight and unties, so the logits equal PEFT's (base + adapter and merge_and_unload); a tied config would
+    make the trained copy the output layer too."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    base, adapter = tied
+    base_weights = _weights(base)
+    assert (
+        "lm_head.weight" not in base_weights and json.loads((base / "config.json").read_text())["tie_word_embeddings"]
+    )
+    merged_dir = merge_adapter(adapter, tmp_path / "merged", base=base, architecture=architecture)
+    assert json.loads((merged_dir / "config.json").read_text())["tie_word_embeddings"] is False
+    weights = _weights(merged_dir)
+    assert torch.equal(weights["lm_head.weight"], base_weights["model.embed_tokens.weight"])
+    assert not torch.equal(weights["model.embed_tokens.weight"], base_weights["model.embed_tokens.weight"])
+    if architecture == "llama":
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)  # no trust_remote_code
+        assert type(merged) is LlamaForCausalLM
+    else:
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, trust_remote_code=True)
+    ids = _ids()
+    unmerged, peft_merged = _adapter_logits(base, adapter, ids)
+    with torch.no_grad():
+        logits = merged.eval()(ids).logits
+    torch.testing.assert_close(logits, unmerged, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, peft_merged, atol=1e-4, rtol=0)
+
+
+def test_tied_base_untied_in_shards(tied, tmp_path):
+    """The added lm_head.weight is planned like any tensor: it lands in a shard, cast to the output dtype, and the
+    index maps it there."""
+    base, adapter = tied
+    merged_dir = merge_adapter(
+        adapter, tmp_path / "merged", base=base, architecture="llama", dtype="bfloat16", max_shard_size=60_000
+    )
+    index = json.loads((merged_dir / "model.safetensors.index.json").read_text())
+    shards = sorted(merged_dir.glob("model-*.safetensors"))
+    assert len(shards) > 3 and set(index["weight_map"].values()) == {path.name for path in shards}
+    with safe_open(merged_dir / index["weight_map"]["lm_head.weight"], "pt") as handle:
+        head = handle.get_tensor("lm_head.weight")
+    assert torch.equal(head, _weights(base)["model.embed_tokens.weight"].to(torch.bfloat16))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _weights(merged_dir).values())
+
+
+@pytest.mark.parametrize("kind", ["lora", "ensure_weight_tying"])
+def test_tied_base_keeps_its_tie(tmp_path, kind):
+    """Plain LoRA leaves the embedding alone, and PEFT's `ensure_weight_tying` trains one tensor for both layers: the
+    tie is kept and no lm_head.weight is written."""
+    from peft import LoraConfig
+
+    from longlora_hub.trainable import EMBEDDING_AND_NORMS, LORA_TARGETS, lora_config
+
+    if kind == "lora":
+        config = lora_config("lora")
+    else:
+        config = LoraConfig(
+            target_modules=list(LORA_TARGETS), modules_to_save=list(EMBEDDING_AND_NORMS), ensure_weight_tying=True
+        )
+    base, adapter = _tied_base_and_adapter(tmp_path, config)
+    merged_dir = merge_adapter(adapter, tmp_path / "merged", base=base, architecture="llama")
+    assert json.loads((merged_dir / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in _weights(merged_dir)
+    from transformers import AutoModelForCausalLM
+
+    ids = _ids()
+    unmerged, _ = _adapter_logits(base, adapter, ids)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits
+    torch.testing.assert_close(logits, unmerged, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layer", ["embed_tokens", "lm_head"])
+def test_tied_base_with_lora_on_a_tied_layer(tmp_path, layer):
+    """LoRA on one layer of a tied pair changes only that layer in PEFT's model (PEFT also saves a copy of the layer's
+    base weight): the merge unties and gives the adapter's logits. PEFT's own merge_and_unload folds the delta into
+    the shared tensor, so it is not the reference here (PEFT warns about merging such an adapter)."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = _tied_base_and_adapter(tmp_path, LoraConfig(target_modules=["q_proj", "v_proj", layer]))
+    merged_dir = merge_adapter(adapter, tmp_path / "merged", base=base, architecture="llama")
+    assert json.loads((merged_dir / "config.json").read_text())["tie_word_embeddings"] is False
+    weights, base_weights = _weights(merged_dir), _weights(base)
+    unchanged = "lm_head.weight" if layer == "embed_tokens" else "model.embed_tokens.weight"
+    assert torch.equal(weights[unchanged], base_weights["model.embed_tokens.weight"])
+    ids = _ids()
+    unmerged, _ = _adapter_logits(base, adapter, ids)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits
+    torch.testing.assert_close(logits, unmerged, atol=1e-4, rtol=0)
+
+
 def test_bad_input_is_refused_and_leaves_nothing(sharded, tmp_path):
     from longlora_hub.testing import tiny_llama
 
