@@ -1,8 +1,9 @@
 """Training data for the two LongLoRA stages.
 
 - `extend` (context extension): long plain text, documents joined with EOS and packed into rows of exactly the
-  target length, like the paper. With `keep_documents_apart`, `position_ids` restart at every document so
-  S²-Attn (and the model) keep documents apart inside a row.
+  target length, like the paper. With `keep_documents_apart`, each row also lists the lengths of its documents in
+  `seq_lengths`, the column TRL's own packing writes: TRL's padding-free collator turns it into `position_ids`
+  that restart at every document, so S²-Attn (and full attention) keep documents apart inside a row.
 - `longqa` (supervised): prompt-completion rows in TRL's format; LongAlpaca-style `instruction`/`output` rows are
   turned into `[INST]{instruction}[/INST]` prompts (or the tokenizer's chat template). The loss is on the
   completion only (TRL's `completion_only_loss`).
@@ -108,12 +109,13 @@ def _expand(patterns: Iterable[str]) -> list[Path]:
 def _packed_rows(
     texts: Iterable[str], tokenizer, seq_len: int, keep_documents_apart: bool, batch_size: int = 256
 ) -> Iterator[dict[str, list[int]]]:
-    """Rows of exactly `seq_len` tokens from documents joined with EOS; the last partial row is dropped."""
+    """Rows of exactly `seq_len` tokens from documents joined with EOS; the last partial row is dropped. With
+    `keep_documents_apart`, `seq_lengths` holds the lengths of the documents in the row (summing to `seq_len`)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("The tokenizer has no eos_token; set one (documents are joined with it).")
     ids: list[int] = []
-    positions: list[int] = []
+    lengths: list[int] = []  # the documents (or what a row boundary left of them) that make up `ids`
 
     def batches() -> Iterator[list[str]]:
         batch: list[str] = []
@@ -129,22 +131,25 @@ def _packed_rows(
         for document in tokenizer(batch, add_special_tokens=False)["input_ids"]:
             document = [*document, eos]
             ids.extend(document)
-            positions.extend(range(len(document)))
+            lengths.append(len(document))
             while len(ids) >= seq_len:
                 row = {"input_ids": ids[:seq_len]}
+                row_lengths, lengths = _split_lengths(lengths, seq_len)
                 if keep_documents_apart:
-                    row["position_ids"] = _restart_at_row_start(positions[:seq_len])
+                    row["seq_lengths"] = row_lengths
                 yield row
-                ids, positions = ids[seq_len:], positions[seq_len:]
+                ids = ids[seq_len:]
 
 
-def _restart_at_row_start(positions: list[int]) -> list[int]:
-    """A document cut by a row boundary continues in the next row from position 0: rows are independent."""
-    first = positions[0]
-    if first == 0:
-        return positions
-    end = next((index for index, position in enumerate(positions) if position == 0), len(positions))
-    return [position - first for position in positions[:end]] + positions[end:]
+def _split_lengths(lengths: list[int], seq_len: int) -> tuple[list[int], list[int]]:
+    """The document lengths of the next row and those left after it. A document cut by the row boundary continues
+    in the next row as a sequence of its own (from position 0): rows stay independent of each other."""
+    index, total = 0, 0  # the caller holds at least `seq_len` tokens, so the loop stops inside `lengths`
+    while total + lengths[index] < seq_len:
+        total += lengths[index]
+        index += 1
+    rest = total + lengths[index] - seq_len
+    return [*lengths[:index], seq_len - total], ([rest] if rest else []) + lengths[index + 1 :]
 
 
 def pack_documents(dataset, tokenizer, seq_len: int, text_field: str = "text", keep_documents_apart: bool = False):
@@ -156,11 +161,12 @@ def pack_documents(dataset, tokenizer, seq_len: int, text_field: str = "text", k
         tokenizer (`PreTrainedTokenizerBase`): Its EOS joins the documents.
         seq_len (`int`): The row length, the target context of the stage.
         text_field (`str`, *optional*, defaults to `"text"`): The column holding the documents.
-        keep_documents_apart (`bool`, *optional*, defaults to `False`): Add `position_ids` restarting at every
-            document, so no token attends across a document boundary.
+        keep_documents_apart (`bool`, *optional*, defaults to `False`): Add `seq_lengths`, the lengths of the
+            documents in each row, for TRL's padding-free collator (see `training.data_collator`): positions then
+            restart at every document, so no token attends across a document boundary.
 
     Returns:
-        A dataset of the same kind (map-style or streaming) with `input_ids` (and `position_ids`).
+        A dataset of the same kind (map-style or streaming) with `input_ids` (and `seq_lengths`).
     """
     from datasets import Dataset, IterableDataset
 

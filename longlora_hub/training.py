@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 
 from .data import DEFAULT_TEMPLATE, load_raw_dataset, pack_documents, to_prompt_completion
 from .remote_code.configuration_llama_longlora import S2_SHIFTS
+from .remote_code.s2_attention import s2_group_size
 from .trainable import LORA_TARGETS, TRAINABLE_MODES, lora_config
 
 STAGES = ("extend", "longqa")
@@ -106,7 +107,10 @@ class DataArguments:
     text_field: str = field(default="text", metadata={"help": "extend stage: column holding the documents."})
     keep_documents_apart: bool = field(
         default=False,
-        metadata={"help": "extend stage: position_ids restart at each document, so attention stays inside it."},
+        metadata={
+            "help": "extend stage: rows carry their documents' lengths (seq_lengths) and go through TRL's padding-free "
+            "collator, so positions restart at each document and attention stays inside it."
+        },
     )
     prompt_template: str = field(
         default=DEFAULT_TEMPLATE, metadata={"help": "longqa stage: template for instruction/output rows."}
@@ -163,6 +167,16 @@ def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data
         )
     if ll_args.stage == "longqa" and data_args.keep_documents_apart:
         raise ValueError("keep_documents_apart applies to the extend stage only.")
+    if data_args.keep_documents_apart and ll_args.s2_attention and ll_args.s2_shift == "roll":
+        raise ValueError(
+            "keep_documents_apart packs several documents per row, which s2_shift: roll (the paper's cyclic roll) "
+            "would mix; use s2_shift: segments (the default)."
+        )
+    if ll_args.stage == "extend" and training_args.padding_free:
+        raise ValueError(
+            "padding_free: the extend stage packs its own rows of max_length tokens; set keep_documents_apart: true "
+            "instead, which turns on TRL's padding-free collator with the documents' boundaries."
+        )
 
 
 def _builtin_base(name: str, folder: Path) -> Path:
@@ -284,8 +298,16 @@ def write_run_record(output_dir: str | Path, base: Path, model_args, ll_args, da
     return path
 
 
-def load_model_and_tokenizer(base: Path, model_args: ModelArguments, ll_args: LongLoRAArguments):
-    """The LlamaLongLoRA model (with the run's S² settings) and its tokenizer; no vocabulary change."""
+def load_model_and_tokenizer(
+    base: Path,
+    model_args: ModelArguments,
+    ll_args: LongLoRAArguments,
+    data_args: DataArguments | None = None,
+    length: int | None = None,
+):
+    """The LlamaLongLoRA model (with the run's S² settings) and its tokenizer; no vocabulary change. With
+    `data_args.keep_documents_apart`, an S² group size given as a ratio is resolved against one row of `length`
+    tokens (see [`data_collator`])."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -297,6 +319,11 @@ def load_model_and_tokenizer(base: Path, model_args: ModelArguments, ll_args: Lo
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
+    group_size = ll_args.s2_group_size
+    if data_args is not None and data_args.keep_documents_apart and group_size is None:
+        # a padding-free batch reaches the model as one row of B x `length` tokens, where the ratio would give groups
+        # B times larger than a row gets alone: fix G to what one row of `length` tokens gets
+        group_size = s2_group_size(length, None, ll_args.s2_group_size_ratio)
     model = AutoModelForCausalLM.from_pretrained(
         base,
         trust_remote_code=True,
@@ -304,7 +331,7 @@ def load_model_and_tokenizer(base: Path, model_args: ModelArguments, ll_args: Lo
         attn_implementation=model_args.attn_implementation,
         s2_attention=ll_args.s2_attention,
         s2_group_size_ratio=ll_args.s2_group_size_ratio,
-        s2_group_size=ll_args.s2_group_size,
+        s2_group_size=group_size,
         s2_shift=ll_args.s2_shift,
         **kwargs,
     )
@@ -331,6 +358,31 @@ def build_dataset(data_args: DataArguments, ll_args: LongLoRAArguments, tokenize
         # the LongQA builder writes both formats; TRL would pick one by set order, which varies with the hash seed
         dataset = dataset.remove_columns("messages")
     return drop_too_long(dataset, tokenizer, length)
+
+
+def data_collator(data_args: DataArguments, tokenizer, training_args):
+    r"""
+    The collator for `SFTTrainer`: `None` (TRL's default) unless documents are kept apart.
+
+    With `keep_documents_apart`, TRL's `DataCollatorForLanguageModeling` in padding-free mode: it reads each row's
+    `seq_lengths`, flattens the batch into one row, builds `position_ids` that restart at every document (which
+    S²-Attn and transformers' packed-sequence masks both read), drops the attention mask and sets the label of each
+    document's first token to -100, so no token is predicted across a boundary. It is passed in rather than set with
+    `padding_free: true` because `SFTTrainer` refuses that together with `max_length` on rows it does not pack itself;
+    the rows here are already exactly `max_length` tokens.
+
+    Args:
+        data_args ([`DataArguments`]): The run's data settings.
+        tokenizer (`PreTrainedTokenizerBase`): Its pad token pads the flattened row (only with `pad_to_multiple_of`).
+        training_args (`SFTConfig`): Gives `pad_to_multiple_of`.
+    """
+    if not data_args.keep_documents_apart:
+        return None
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(
+        pad_token_id=tokenizer.pad_token_id, padding_free=True, pad_to_multiple_of=training_args.pad_to_multiple_of
+    )
 
 
 def drop_too_long(dataset, tokenizer, length: int):
@@ -389,6 +441,7 @@ __all__ = [
     "TokensPerSecondCallback",
     "build_dataset",
     "check_arguments",
+    "data_collator",
     "load_model_and_tokenizer",
     "peft_config",
     "prepare_base",

@@ -27,6 +27,7 @@ from longlora_hub.training import (
     TokensPerSecondCallback,
     build_dataset,
     check_arguments,
+    data_collator,
     load_model_and_tokenizer,
     peft_config,
     prepare_base,
@@ -43,13 +44,14 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     # the first process of each machine converts, the others then read its output (shared storage or not)
     with PartialState().local_main_process_first():
         base = prepare_base(model_args, ll_args, training_args.output_dir, training_args.max_length)
-        model, tokenizer = load_model_and_tokenizer(base, model_args, ll_args)
+        model, tokenizer = load_model_and_tokenizer(base, model_args, ll_args, data_args, training_args.max_length)
         dataset = build_dataset(data_args, ll_args, tokenizer, training_args.max_length)
 
     trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
+        data_collator=data_collator(data_args, tokenizer, training_args),  # padding-free with keep_documents_apart
         processing_class=tokenizer,
         peft_config=peft_config(ll_args),
         callbacks=[TokensPerSecondCallback()],

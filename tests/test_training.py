@@ -150,6 +150,8 @@ def test_longqa_without_the_needed_fields(tmp_path):
 
 
 def test_packing_rows_are_exact_and_documents_can_stay_apart():
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
     tokenizer = build_tiny_tokenizer()
     docs = load_raw_dataset("builtin:documents", num_builtin_rows=6)
     rows = pack_documents(docs, tokenizer, 200)
@@ -158,11 +160,17 @@ def test_packing_rows_are_exact_and_documents_can_stay_apart():
     assert flat.count(tokenizer.eos_token_id) >= 5  # 6 documents joined with EOS (the last may be cut off)
     apart = pack_documents(docs, tokenizer, 200, keep_documents_apart=True)
     assert apart["input_ids"] == rows["input_ids"]
-    for ids, positions in zip(apart["input_ids"], apart["position_ids"], strict=True):
-        assert positions[0] == 0
+    assert all(sum(lengths) == 200 for lengths in apart["seq_lengths"])
+    # the positions TRL's padding-free collator builds from `seq_lengths`
+    all_positions = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths(apart["seq_lengths"])
+    for ids, positions in zip(apart["input_ids"], all_positions, strict=True):
+        positions = positions.tolist()
+        assert positions[0] == 0  # a document cut by the previous row continues here from position 0
         for i in range(1, 200):  # a new document starts right after each EOS
             expected = 0 if ids[i - 1] == tokenizer.eos_token_id else positions[i - 1] + 1
             assert positions[i] == expected
+    streamed_apart = list(pack_documents(docs.to_iterable_dataset(), tokenizer, 200, keep_documents_apart=True))
+    assert [row["seq_lengths"] for row in streamed_apart] == apart["seq_lengths"]
     streamed = list(pack_documents(docs.to_iterable_dataset(), tokenizer, 200))
     assert [row["input_ids"] for row in streamed] == rows["input_ids"]
 
