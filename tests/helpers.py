@@ -9,6 +9,9 @@ from longlora_hub.remote_code.s2_attention import s2_group_size
 from longlora_hub.testing import reference_attention, s2_reference_mask, tiny_llama
 
 LINEAR_PI = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+# a guard against a HUNG subprocess only, never a speed requirement: under heavy load on 2 cores the study's smoke
+# run took 17 minutes and a 1200 s limit made its tests error; CI's own limit is 90 minutes
+HANG_TIMEOUT_S = 3600
 
 
 def longlora_from(stock, attn_implementation: str = "sdpa", **s2) -> LlamaLongLoRAForCausalLM:

@@ -23,6 +23,7 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils._runtime import is_xet_available
 
 from .conftest import LocalHub
+from .helpers import HANG_TIMEOUT_S
 
 README = "---\nlicense: mit\ntags:\n- test\n---\n# A test repo\n"
 
@@ -374,7 +375,9 @@ def test_subprocess_client_uses_hub_env(hub: LocalHub, tmp_path: Path):
         "print(api.whoami()['name'])\n"
     )
     env = {**os.environ, **hub.env}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "tester"
     repo = hub.server.repo("tester/from-subprocess")

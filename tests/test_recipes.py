@@ -19,6 +19,8 @@ from trl import SFTConfig, TrlParser
 
 from longlora_hub.training import DataArguments, LongLoRAArguments, ModelArguments, check_arguments
 
+from .helpers import HANG_TIMEOUT_S
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
 ACCELERATE = ROOT / "recipes" / "accelerate"
@@ -371,11 +373,11 @@ def test_two_process_cpu_training(tmp_path):
         start_new_session=True,  # its own process group, so a hung run is stopped with all its workers
     )
     try:
-        output, _ = process.communicate(timeout=180)
+        output, _ = process.communicate(timeout=HANG_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"the 2-process run did not finish in 180 s:\n{output[-4000:]}")
+        pytest.fail(f"the 2-process run hung for {HANG_TIMEOUT_S} s:\n{output[-4000:]}")
     assert process.returncode == 0, output[-6000:]
     assert "rank 0 done" in output and "rank 1 done" in output, output[-3000:]
 

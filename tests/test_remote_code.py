@@ -12,7 +12,7 @@ import torch
 
 from longlora_hub.remote_code import configuration_llama_longlora
 
-from .helpers import pair
+from .helpers import HANG_TIMEOUT_S, pair
 
 LOADER = textwrap.dedent(
     """
@@ -59,7 +59,7 @@ def test_checkpoint_loads_without_the_package(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_TIMEOUT_S,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")

@@ -13,13 +13,15 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "study"))
 
 import study  # noqa: E402
 
+from .helpers import HANG_TIMEOUT_S  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     output = tmp_path_factory.mktemp("study")
     command = [sys.executable, str(ROOT / "benchmarks" / "study" / "study.py"), "--smoke"]
     command += ["--output", str(output), "--doc", str(output / "study.md")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return output
 
@@ -55,7 +57,7 @@ def test_a_finished_run_is_not_run_again(smoke):
         + ["--output", str(smoke), "--doc", str(smoke / "again.md")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_TIMEOUT_S,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "longlora seed 0 ..." not in done.stdout and "longlora seed 0:" in done.stdout
