@@ -82,7 +82,15 @@ def merge_command(
     help="Also push optimizer/scheduler/RNG states and training_args.bin (to resume elsewhere; pickles).",
 )
 @click.option(
-    "--base-model", default=None, help="Hub id of the base model, for the card, when FOLDER does not record it."
+    "--base-model",
+    default=None,
+    help="Hub id of the base model, for the card and the uploaded adapter_config.json, when FOLDER does not record it.",
+)
+@click.option(
+    "--keep-remote",
+    is_flag=True,
+    help="Keep files the push manages that are gone from FOLDER on the Hub (by default they are deleted in the same "
+    "commit, so the repository mirrors the folder).",
 )
 def push_command(
     folder: str,
@@ -95,6 +103,7 @@ def push_command(
     checkpoint: str | None,
     include_training_state: bool,
     base_model: str | None,
+    keep_remote: bool,
 ) -> None:
     """Push FOLDER (a LongLoRA adapter, a LlamaLongLoRA or merged model, or a trainer output) to the Hub model
     repository REPO_ID in one commit, with a model card written from the folder's records."""
@@ -107,6 +116,8 @@ def push_command(
         click.echo(f"Pushing {plan.folder} ({plan.kind}) to {repo_id}: {len(plan.files)} files")
         if plan.skipped:
             click.echo(f"  left out: {', '.join(plan.skipped)}")
+        for warning in plan.warnings:
+            click.echo(f"  warning: {warning}")
         if plan.base_model is None:
             click.echo("  the base model's Hub id is unknown: the card names none (pass --base-model to set it)")
         result = push_folder(
@@ -117,10 +128,15 @@ def push_command(
             commit_message=commit_message,
             create_pr=create_pr,
             token=token,
+            keep_remote=keep_remote,
             plan=plan,
         )
     except (PushError, OSError) as error:
         raise click.ClickException(str(error)) from error
+    if result.deleted:
+        click.echo(f"  deleted on the Hub (no longer in the folder): {', '.join(result.deleted)}")
+    if result.kept_remote:
+        click.echo(f"  kept on the Hub (--keep-remote), though gone from the folder: {', '.join(result.kept_remote)}")
     if not result.changed:
         click.echo(f"Nothing changed: {result.url} already holds this folder (commit {result.commit_sha}).")
         return

@@ -5,12 +5,20 @@ Everything that can be checked locally is checked before the first request; the 
 upload; the files go up in ONE commit (an unchanged folder makes none), so a failure leaves the repository as it
 was. Only an allowlist of files is pushed: never tokens, `.env` files, optimizer, scheduler or RNG states (unless
 asked), or the trainer's pickled arguments.
+
+Nothing from outside the folder is published: a file that is a link to somewhere else (`tokenizer.model ->
+/etc/passwd`) is left out, or the push refused when the model cannot load without it, and local paths (an adapter's
+`base_model_name_or_path`, the model an evaluation ran on) become Hub ids, file names or nothing, in an uploaded
+copy; the user's files are never rewritten. The repository mirrors the folder: a file the allowlist covers that is
+gone locally is deleted in the same commit, unless `keep_remote` is asked; files the allowlist does not cover
+(the user's own) are kept.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +38,8 @@ LICENSE_PATTERNS = ("LICENSE*", "NOTICE*", "USE_POLICY*")
 # the Trainer's resumable state: large, and the pickles can run code when loaded; pushed only when asked
 TRAINING_STATE_PATTERNS = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "training_args.bin")
 EVAL_FOLDERS = ("", "eval", "evaluation")
+# without these the published model does not load: rather no push than a broken repository
+REQUIRED_FILES = ("config.json", "adapter_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 CHECKPOINT_PREFIX = "checkpoint-"
 LONGLORA_PAPER = "https://arxiv.org/abs/2309.12307"
 CITATION = """@inproceedings{chen2024longlora,
@@ -54,6 +64,10 @@ class PushPlan:
     skipped: list[str] = field(default_factory=list)
     card: str = ""
     base_model: str | None = None
+    # what the allowlist covers (top-level name patterns), to tell the Hub's stale files from the user's own
+    patterns: list[str] = field(default_factory=list)
+    # what the user should know before the upload: files left out as links out of the folder, local paths removed
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +78,8 @@ class PushResult:
     pull_request_url: str | None
     files: list[str]
     kind: str
+    deleted: list[str] = field(default_factory=list)
+    kept_remote: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------- the folder
@@ -156,12 +172,47 @@ def remote_code_of(folder: Path) -> list[str]:
     return sorted(seen)
 
 
+def link_problem(path: Path, root: Path) -> str | None:
+    """Why the file at `path` must not be published from the folder `root` (already resolved): it is a link, or sits
+    in a linked folder, whose target lies outside `root`; a broken link; or no regular file (a FIFO would hang the
+    upload). None when it may go: a link to another file of the folder is fine."""
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # a missing target, or a loop of links (RuntimeError before Python 3.13)
+        return "a broken link"
+    if not resolved.is_relative_to(root):
+        return f"a link to {resolved}, outside the folder"
+    if not resolved.is_file():
+        return "not a regular file"
+    return None
+
+
+def _remedy(problem: str) -> str:
+    if problem.startswith("a link to"):
+        return (
+            "A push never publishes what lies outside the folder; to publish it, replace the link (or the linked "
+            "folder) by a copy of its target."
+        )
+    if problem == "a broken link":
+        return "Restore its target or remove the link."
+    return "Replace it by a regular file to publish it."
+
+
+def _eval_candidates(folder: Path) -> list[Path]:
+    return [
+        path
+        for sub in EVAL_FOLDERS
+        for path in (sorted((folder / sub).glob("*.json")) if (folder / sub).is_dir() else ())
+    ]
+
+
 def eval_results(folder: Path) -> dict[str, dict[str, Any]]:
     """Evaluation results (`longlora-hub eval ... --output`) in the folder or its eval/ or evaluation/ subfolder,
-    by their path relative to the folder."""
+    by their path relative to the folder; none read through a link out of the folder."""
     found = {}
-    for sub in EVAL_FOLDERS:
-        for path in sorted((folder / sub).glob("*.json")) if (folder / sub).is_dir() else ():
+    root = folder.resolve()
+    for path in _eval_candidates(folder):
+        if link_problem(path, root) is None:
             try:
                 result = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -171,30 +222,142 @@ def eval_results(folder: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def select_files(folder: Path, kind: str, include_training_state: bool = False) -> tuple[dict[str, Path], list[str]]:
-    """The allowlisted files of a model folder (path in repo -> local path) and the names left out."""
+def allowlist(folder: Path, kind: str, include_training_state: bool = False) -> list[str]:
+    """The name patterns of the top-level files a push of `folder` uploads (evaluation results aside)."""
     patterns = [*TOKENIZER_PATTERNS, *LICENSE_PATTERNS, *RECORD_FILES]
     patterns += list(ADAPTER_FILES) if kind == "adapter" else [*MODEL_FILES, *WEIGHT_PATTERNS]
     if include_training_state:
         patterns += TRAINING_STATE_PATTERNS
+    return patterns + (remote_code_of(folder) if kind == "llama_longlora" else [])
+
+
+def covers(patterns: list[str], name: str) -> bool:
+    """Whether a file of the repository, `name`, is one a push with `patterns` manages (so it mirrors the folder):
+    a top-level file the patterns match, or a JSON file in eval/ or evaluation/. Anything else there is the user's
+    own and is kept. (`fnmatch`'s `*` would match across `/`, hence the split.)"""
+    parent, _, base = name.rpartition("/")
+    if parent:
+        return parent in EVAL_FOLDERS and base.endswith(".json")
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+
+def _is_weight(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin")) and name not in TRAINING_STATE_PATTERNS
+
+
+def select_files(
+    folder: Path, kind: str, include_training_state: bool = False
+) -> tuple[dict[str, Path], list[str], dict[str, str]]:
+    r"""
+    The files a push of the model folder uploads.
+
+    Returns:
+        `tuple[dict[str, Path], list[str], dict[str, str]]`: The allowlisted files (path in repo -> resolved local
+        path), the names the allowlist leaves out, and the allowlisted files not uploaded because they lie outside
+        the folder (path in repo -> why).
+
+    Raises:
+        `PushError`: No weights, or a file the model cannot load without (weights, configs, remote code) links out
+            of the folder: what to copy in.
+    """
+    patterns = allowlist(folder, kind, include_training_state)
+    root = folder.resolve()
+    results = eval_results(folder)
     chosen: dict[str, Path] = {}
     skipped: list[str] = []
-    remote_code = remote_code_of(folder) if kind == "llama_longlora" else []
+    outside: dict[str, str] = {}
     for path in sorted(folder.iterdir()):
         if path.is_dir():
             if not path.name.startswith(CHECKPOINT_PREFIX) and path.name not in EVAL_FOLDERS:
                 skipped.append(path.name + "/")
             continue
-        if path.name in remote_code or any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns):
-            chosen[path.name] = path
-        elif path.name != "README.md":  # the card is written anew
+        if any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns):
+            problem = link_problem(path, root)
+            if problem:
+                outside[path.name] = problem
+            else:
+                # the resolved path: what is uploaded is what was checked, even if the link changes meanwhile
+                chosen[path.name] = path.resolve()
+        elif path.name != "README.md" and path.name not in results:  # the card is written anew
             skipped.append(path.name)
-    for name in eval_results(folder):
-        chosen[name] = folder / name
-    weights = [name for name in chosen if name.endswith((".safetensors", ".bin")) and name != "training_args.bin"]
-    if not weights:
+    for path in _eval_candidates(folder):
+        name = path.relative_to(folder).as_posix()
+        problem = link_problem(path, root)
+        if problem and "/" in name:  # a top-level JSON was seen above
+            outside[name] = problem
+    for name in results:
+        chosen[name] = (folder / name).resolve()
+    required = [name for name in outside if _is_weight(name) or name in REQUIRED_FILES or name.endswith(".py")]
+    if required:
+        listed = "; ".join(f"{name} is {outside[name]}" for name in required)
+        raise PushError(
+            f"Cannot push {folder}: {listed}. A push never uploads what lies outside the folder, and the model "
+            "does not load without these. Replace each link by a copy of its target (e.g. `cp --remove-destination "
+            '"$(readlink -f NAME)" NAME`), or push the folder that holds the files; a recipe\'s output_dir/base links '
+            "its weights to the original checkpoint on purpose, so push the trainer output (the adapter) or a merged "
+            "model instead."
+        )
+    if not any(_is_weight(name) for name in chosen):
         raise PushError(f"{folder} has no weights (*.safetensors); the model folder is incomplete.")
-    return chosen, skipped
+    return chosen, skipped, outside
+
+
+# ---------------------------------------------------------------------------------------------------- local paths
+
+
+def is_local_path(value: Any) -> bool:
+    """Whether `value` names a place on this machine (an absolute, home or relative path, or anything that exists
+    here) rather than a Hub id, a URL or a plain name. A folder named like its Hub repository counts as local: the
+    Hub id is then for `--base-model` to give."""
+    if not isinstance(value, str) or not value or "\n" in value:
+        return False
+    if value.startswith("file://"):
+        return True
+    if "://" in value:
+        return False
+    if value.startswith(("/", "~", "./", "../", "\\")) or re.match(r"^[A-Za-z]:[\\/]", value):
+        return True
+    if value.count("/") > 1 or "\\" in value:  # a Hub id has one slash at most
+        return True
+    try:
+        return Path(value).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+
+
+def public_name(value: str) -> str:
+    """A local path as it may be published: its last component (`/home/me/runs/extend` -> `extend`)."""
+    return re.split(r"[\\/]", value.removeprefix("file://").rstrip("/\\"))[-1]
+
+
+def public_fields(record: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    r"""
+    A copy of a record's top-level fields (an evaluation result, a provenance record) fit to publish: each local
+    path becomes its file name, `base_model` (a Hub id by definition) None, and a local entry of `datasets` (Hub
+    ids) is dropped. Nested values (numbers, RoPE, versions) hold no paths and stay as they are.
+
+    Returns:
+        `tuple[dict[str, Any], list[str]]`: The copy and the names of the fields that changed.
+    """
+    public: dict[str, Any] = {}
+    changed = []
+    for key, value in record.items():
+        if key == "base_model":
+            new = None if is_local_path(value) else value
+        elif key == "datasets" and isinstance(value, list):
+            new = [item for item in value if not is_local_path(item)]
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            new = [public_name(item) if is_local_path(item) else item for item in value]
+        else:
+            new = public_name(value) if is_local_path(value) else value
+        public[key] = new
+        if new != value:
+            changed.append(key)
+    return public, changed
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
 
 
 # ---------------------------------------------------------------------------------------------------- the card
@@ -266,6 +429,7 @@ def _eval_section(results: dict[str, dict[str, Any]]) -> str:
 
     parts = ["## Evaluation\n"]
     for name, result in results.items():
+        result = public_fields(result)[0]  # the caption names the model and data: file names, never local paths
         parts.append(f"From `{name}` ({result['task']}, protocol `{result.get('protocol')}`):\n")
         parts.append(markdown_table(result).rstrip() + "\n")
     return "\n".join(parts)
@@ -326,8 +490,8 @@ def model_card(folder: Path, kind: str, repo_id: str, base_model: str | None = N
     from huggingface_hub import ModelCard, ModelCardData
 
     base_folder = _base_folder(folder, kind)
-    record = read_provenance(folder)
-    base_record = read_provenance(base_folder) if base_folder else {}
+    record = public_fields(read_provenance(folder))[0]
+    base_record = public_fields(read_provenance(base_folder))[0] if base_folder else {}
     base_model = base_model or record.get("base_model") or base_record.get("base_model")
     config = (
         json.loads(((base_folder or folder) / "config.json").read_text(encoding="utf-8"))
@@ -423,20 +587,72 @@ def plan_push(
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise PushError(f"{repo_id!r} is not a valid repository id ({error}); write it as 'user/name'.") from None
+    if base_model is not None:
+        try:
+            validate_repo_id(base_model)  # refuses paths: a leading `/`, `.` or `~`, more than one `/`
+        except HFValidationError as error:
+            raise PushError(
+                f"--base-model {base_model!r} is not a Hub id ({error}); pass the base model's repository id, e.g. "
+                "meta-llama/Llama-2-7b-hf, not a local folder."
+            ) from None
     model_folder, kind = find_model_folder(folder, checkpoint)
-    files, skipped = select_files(model_folder, kind, include_training_state)
+    files, skipped, outside = select_files(model_folder, kind, include_training_state)
     card, base_model = model_card(model_folder, kind, repo_id, base_model)
     plan = PushPlan(model_folder, kind, dict(files), skipped, card, base_model)
-    if kind == "adapter":
-        # a local base path means nothing to whoever downloads the adapter: name the Hub base instead
-        config = json.loads((model_folder / "adapter_config.json").read_text(encoding="utf-8"))
-        local_base = config.get("base_model_name_or_path")
-        if base_model and local_base != base_model and Path(str(local_base)).expanduser().exists():
-            config["base_model_name_or_path"] = base_model
-            config["revision"] = read_provenance(model_folder).get("base_revision") or config.get("revision")
-            plan.files["adapter_config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    plan.patterns = allowlist(model_folder, kind, include_training_state)
+    for name, problem in outside.items():
+        plan.warnings.append(f"{name} is not uploaded: it is {problem}. {_remedy(problem)}")
+    if "adapter_config.json" in plan.files:
+        _publish_adapter_config(plan)
+    # local paths (the evaluated model, the merged adapter, a best checkpoint) become file names in the copies sent
+    records = {PROVENANCE_FILE, *eval_results(model_folder)}
+    for name in sorted(plan.files):
+        is_record = name in records
+        if is_record or name == "trainer_state.json":
+            _publish_record(plan, name, is_record)
     plan.files["README.md"] = card.encode()
     return plan
+
+
+def _publish_adapter_config(plan: PushPlan) -> None:
+    """A local base path means nothing to whoever downloads the adapter (and tells them where the user keeps it):
+    the uploaded copy names the base's Hub id, or no base at all when it is unknown."""
+    config = json.loads(Path(plan.files["adapter_config.json"]).read_text(encoding="utf-8"))
+    local_base = config.get("base_model_name_or_path")
+    if not is_local_path(local_base):
+        return
+    config["base_model_name_or_path"] = plan.base_model
+    revision = read_provenance(plan.folder).get("base_revision") or config.get("revision")
+    config["revision"] = revision if plan.base_model else None
+    plan.files["adapter_config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    if plan.base_model is None:
+        plan.warnings.append(
+            f"adapter_config.json names the local base {local_base}; the uploaded copy names no base model (the "
+            "folder records no Hub id), so AutoPeftModelForCausalLM cannot load the adapter alone. Pass "
+            "--base-model USER/NAME (the base's Hub id) to name it."
+        )
+
+
+def _publish_record(plan: PushPlan, name: str, is_record: bool) -> None:
+    """Upload a copy of the JSON record `name` without the local paths it holds (the local file stays as it is)."""
+    try:
+        record = json.loads(Path(plan.files[name]).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return  # not ours to judge: uploaded as it is, like any allowlisted file
+    if not isinstance(record, dict):
+        return
+    if is_record:
+        public, changed = public_fields(record)
+    else:  # trainer_state.json: the Trainer records where it saved the best checkpoint
+        best = record.get("best_model_checkpoint")
+        public, changed = dict(record), []
+        if is_local_path(best):
+            public["best_model_checkpoint"], changed = public_name(best), ["best_model_checkpoint"]
+    if changed:
+        plan.files[name] = _json_bytes(public)
+        plan.warnings.append(
+            f"{name}: the local paths in {', '.join(changed)} are published as file names only (or not at all)."
+        )
 
 
 def push_folder(
@@ -451,6 +667,7 @@ def push_folder(
     checkpoint: str | None = None,
     include_training_state: bool = False,
     base_model: str | None = None,
+    keep_remote: bool = False,
     endpoint: str | None = None,
     plan: PushPlan | None = None,
 ) -> PushResult:
@@ -478,7 +695,13 @@ def push_folder(
         include_training_state (`bool`, *optional*, defaults to `False`):
             Also push the optimizer, scheduler and RNG states and the trainer's arguments (to resume elsewhere).
         base_model (`str`, *optional*):
-            The base model's Hub id for the card when the folder does not record it.
+            The base model's Hub id, for the card and the uploaded `adapter_config.json`, when the folder does not
+            record it.
+        keep_remote (`bool`, *optional*, defaults to `False`):
+            Keep the files of the repository that the allowlist covers but the folder no longer holds; by default
+            the commit deletes them, so the repository mirrors the folder. Files the allowlist does not cover (added
+            to the repository by other means) are kept either way; top-level weights of an earlier push that this
+            one does not replace (another sharding) are deleted either way, as loaders would mix them.
         endpoint (`str`, *optional*):
             The Hub server; defaults to `HF_ENDPOINT` / huggingface.co.
         plan (`PushPlan`, *optional*):
@@ -487,7 +710,8 @@ def push_folder(
 
     Returns:
         `PushResult`: the URL, the commit (`changed` is False when the folder was already there as is), the pull
-        request URL if one was opened, the files and the kind of model.
+        request URL if one was opened, the files, the kind of model, the files the commit deleted and those
+        `keep_remote` kept.
 
     Raises:
         `PushError`: A local problem (no model, missing files, a bad repo id) before any request, or a Hub failure
@@ -516,15 +740,22 @@ def push_folder(
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         before = api.repo_info(repo_id, revision=branch, files_metadata=False)
-        remote = {sibling.rfilename for sibling in before.siblings or []}
-        # weights from an earlier push that this one does not replace (e.g. other sharding) would mislead loaders
-        stale = sorted(
+        remote = {sibling.rfilename for sibling in before.siblings or []} - set(plan.files)
+        # top-level weights from an earlier push that this one does not replace (e.g. other sharding) would mislead
+        # loaders; subfolders are no loader's business, and may be the user's own
+        stale = {
             name
-            for name in remote - set(plan.files)
-            if fnmatch.fnmatch(name, "*.safetensors") or name == "model.safetensors.index.json"
+            for name in remote
+            if "/" not in name and (name.endswith(".safetensors") or name == "model.safetensors.index.json")
+        }
+        # what the allowlist covers and the folder no longer holds (deleted there). A file still there but not
+        # uploaded (a link out of the folder) is not gone: its copy on the Hub stays until the user decides.
+        gone = sorted(
+            name for name in remote - stale if covers(plan.patterns, name) and not os.path.lexists(plan.folder / name)
         )
+        deleted = sorted(stale | (set() if keep_remote else set(gone)))
         operations = [CommitOperationAdd(path, content) for path, content in sorted(plan.files.items())]
-        operations += [CommitOperationDelete(name) for name in stale]
+        operations += [CommitOperationDelete(name) for name in deleted]
         what = {"adapter": "LongLoRA adapter", "llama_longlora": "LongLoRA model", "llama": "merged LongLoRA model"}
         info = api.create_commit(
             repo_id,
@@ -542,6 +773,8 @@ def push_folder(
         pull_request_url=info.pr_url,
         files=sorted(plan.files),
         kind=plan.kind,
+        deleted=deleted,
+        kept_remote=gone if keep_remote else [],
     )
 
 
@@ -550,7 +783,9 @@ __all__ = [
     "PushError",
     "PushPlan",
     "PushResult",
+    "covers",
     "find_model_folder",
+    "is_local_path",
     "model_card",
     "plan_push",
     "push_folder",

@@ -1,7 +1,8 @@
 """`longlora-hub push` against the local Hub-compatible server (tests/hub_server.py): the real huggingface_hub,
 peft and transformers clients push and pull; the pulled adapter and the pulled merged model (in a process that
 cannot import longlora_hub) reproduce the local logits; the card, the allowlist, re-pushes, branches, pull
-requests, privacy and every failure reach the server (or do not) as asked."""
+requests, privacy and every failure reach the server (or do not) as asked; nothing outside the folder (a link's
+target, a local path) reaches it, and files deleted locally go from the repository too."""
 
 import json
 import os
@@ -234,3 +235,129 @@ def test_license_travels_from_the_base_card(tmp_path):
     assert record["license"] == "llama2" and record["base_model"] == "meta-llama/Llama-2-7b-hf"
     plan = plan_push(converted, "me/converted")
     assert "license: llama2" in plan.card and "base_model: meta-llama/Llama-2-7b-hf" in plan.card
+
+
+def adapter_copy(trained, folder):
+    """The trainer output's adapter and records, as plain files (no base/, no checkpoints) in `folder`."""
+    ignored = shutil.ignore_patterns("base", "builtin-base", "checkpoint-*")
+    return shutil.copytree(trained["run"], folder, ignore=ignored)
+
+
+def test_links_out_of_the_folder_are_never_uploaded(hub, trained, tmp_path):
+    folder = adapter_copy(trained, tmp_path / "adapter")
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "passwd").write_text("root:x:0:0:secret\n")
+    outside_eval = make_result(
+        "perplexity",
+        "longlora",
+        {"model": "x"},
+        {"data": "d", "stride": 1},
+        [{"seq_len": 64, "perplexity": 7.777, "windows": 1, "scored_tokens": 63}],
+    )
+    save_result(outside_eval, private / "ppl.json")
+    (folder / "tokenizer.model").symlink_to(private / "passwd")
+    (folder / "LICENSE").symlink_to(private / "passwd")
+    (folder / "evaluation").symlink_to(private)  # a linked folder: what it holds lies outside too
+    (folder / "notes").mkdir()
+    (folder / "notes" / "license.txt").write_text("MIT, inside the folder\n")
+    (folder / "NOTICE").symlink_to(os.path.join("notes", "license.txt"))  # a link inside the folder is fine
+    (folder / "special_tokens_map.json").symlink_to(tmp_path / "gone.json")  # broken: left out, not a traceback
+    result = push(folder, "me/links")
+    assert result.exit_code == 0, result.output
+    files = hub.server.repo("me/links").files("main")
+    assert not [name for name, data in files.items() if b"secret" in data or str(private).encode() in data]
+    assert not {"tokenizer.model", "LICENSE", "evaluation/ppl.json"} & set(files)
+    assert "7.777" not in files["README.md"].decode()
+    assert files["NOTICE"] == b"MIT, inside the folder\n"
+    for name in ("tokenizer.model", "LICENSE", "evaluation/ppl.json"):
+        assert f"{name} is not uploaded: it is a link to {private}" in result.output, result.output
+    assert "special_tokens_map.json is not uploaded: it is a broken link" in result.output
+
+    # a recipe's output_dir/base links its weights to the original checkpoint: refused before any request, with the fix
+    refused = push(trained["run"] / "base", "me/linked-base")
+    assert refused.exit_code == 1 and "model.safetensors is a link to" in refused.output, refused.output
+    assert "cp --remove-destination" in refused.output and "push the trainer output" in refused.output
+    assert ("model", "me/linked-base") not in hub.server.repos
+    copied = shutil.copytree(trained["run"] / "base", tmp_path / "base")  # the fix named: the real files copied in
+    assert push(copied, "me/linked-base").exit_code == 0
+    assert "model.safetensors" in hub.server.repo("me/linked-base").files("main")
+
+
+def test_local_paths_are_never_published(hub, trained, tmp_path):
+    folder = adapter_copy(trained, tmp_path / "adapter")
+    local_eval = make_result(
+        "perplexity",
+        "longlora",
+        {"model": str(folder), "adapter": str(folder), "base_model": str(trained["run"] / "base")},
+        {"data": str(tmp_path / "data" / "pg19.bin"), "stride": 256},
+        [{"seq_len": 512, "perplexity": 33.5, "windows": 1, "scored_tokens": 511}],
+    )
+    save_result(local_eval, folder / "eval" / "local.json")
+    local = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    assert str(trained["root"]) in json.loads(local[folder / "adapter_config.json"])["base_model_name_or_path"]
+
+    result = push(folder, "me/paths")
+    assert result.exit_code == 0, result.output
+    files = hub.server.repo("me/paths").files("main")
+    for name, data in files.items():
+        assert str(tmp_path).encode() not in data and str(trained["root"]).encode() not in data, name
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] is None
+    assert "names no base model" in result.output and "--base-model USER/NAME" in result.output
+    assert json.loads(files["eval/local.json"])["data"] == "pg19.bin"
+    card = files["README.md"].decode()
+    assert "Perplexity of `adapter` on `pg19.bin`" in card and "| 512 | 33.500 | 1 | 511 |" in card
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == local  # never rewritten
+
+    # the Hub id the run recorded replaces the local path
+    record = json.loads((folder / "longlora_hub.json").read_text())
+    (folder / "longlora_hub.json").write_text(json.dumps({**record, "base_model": "someone/tiny-llama"}))
+    named = push(folder, "me/paths-named")
+    assert named.exit_code == 0 and "names no base model" not in named.output, named.output
+    pushed = json.loads(hub.server.repo("me/paths-named").files("main")["adapter_config.json"])
+    assert pushed["base_model_name_or_path"] == "someone/tiny-llama"
+
+    # a merged model records the adapter it was made from: by name only
+    assert push(trained["merged"], "me/merged-paths").exit_code == 0
+    files = hub.server.repo("me/merged-paths").files("main")
+    assert json.loads(files["longlora_hub.json"])["adapter"] == "run"
+    assert not [name for name, data in files.items() if str(trained["root"]).encode() in data]
+
+    bad_base = push(folder, "me/paths-bad", "--base-model", str(trained["run"] / "base"))
+    assert bad_base.exit_code == 1 and "is not a Hub id" in bad_base.output
+    assert ("model", "me/paths-bad") not in hub.server.repos
+
+
+def test_push_mirrors_the_folder_unless_keep_remote(hub, trained, tmp_path):
+    from huggingface_hub import HfApi
+
+    folder = adapter_copy(trained, tmp_path / "adapter")
+    (folder / "tokenizer.model").write_bytes(b"a sentencepiece model\n")
+    (folder / "LICENSE").write_text("Apache-2.0\n")
+    assert push(folder, "me/mirror").exit_code == 0
+    # files the user put there by other means are theirs: no push deletes them
+    api = HfApi(endpoint=hub.endpoint, token=hub.write_token)
+    api.upload_file(path_or_fileobj=b"my notes\n", path_in_repo="notes.md", repo_id="me/mirror")
+    api.upload_file(path_or_fileobj=b"{}", path_in_repo="checkpoint-3/adapter_model.safetensors", repo_id="me/mirror")
+    (folder / "tokenizer.model").unlink()
+    (folder / "eval" / "ppl.json").unlink()
+    commits = len(hub.server.repo("me/mirror").commits)
+
+    again = push(folder, "me/mirror")
+    assert again.exit_code == 0, again.output
+    repo = hub.server.repo("me/mirror")
+    files = repo.files("main")
+    assert not {"tokenizer.model", "eval/ppl.json"} & set(files)
+    assert len(repo.commits) == commits + 1  # the deletions and the new card in one commit
+    assert files["notes.md"] == b"my notes\n" and "checkpoint-3/adapter_model.safetensors" in files
+    assert files["LICENSE"] == b"Apache-2.0\n" and "42.125" not in files["README.md"].decode()
+    assert "deleted on the Hub (no longer in the folder): eval/ppl.json, tokenizer.model" in again.output
+
+    (folder / "LICENSE").unlink()
+    kept = push(folder, "me/mirror", "--keep-remote")
+    assert kept.exit_code == 0, kept.output
+    assert "kept on the Hub (--keep-remote), though gone from the folder: LICENSE" in kept.output
+    assert "Nothing changed" in kept.output and "LICENSE" in hub.server.repo("me/mirror").files("main")
+    mirrored = push(folder, "me/mirror")  # without the flag, the next push mirrors the folder again
+    assert "deleted on the Hub (no longer in the folder): LICENSE" in mirrored.output, mirrored.output
+    assert "LICENSE" not in hub.server.repo("me/mirror").files("main")
