@@ -55,20 +55,21 @@ def convert(
     import json
     from pathlib import Path
 
-    from .convert import convert_checkpoint
+    from .convert import convert_checkpoint, sigterm_as_exit
     from .remote_code.s2_attention import s2_group_size
     from .rope import describe, read_rope
 
     try:
-        folder = convert_checkpoint(
-            base,
-            output,
-            context_length,
-            group_size_ratio=group_size_ratio,
-            group_size=group_size,
-            rope_type=rope_type,
-            ceil=ceil,
-        )
+        with sigterm_as_exit():  # `kill` or a scheduler's cancel then removes the half-written output too
+            folder = convert_checkpoint(
+                base,
+                output,
+                context_length,
+                group_size_ratio=group_size_ratio,
+                group_size=group_size,
+                rope_type=rope_type,
+                ceil=ceil,
+            )
     except (ValueError, OSError) as error:  # FileNotFoundError / FileExistsError are OSErrors
         raise click.ClickException(str(error)) from error
 

@@ -2,12 +2,16 @@
 
 Only click is imported here; torch, transformers and the evaluation code load inside the commands, so that
 `longlora-hub --help` answers at once. The logic lives in `longlora_hub.evaluation`; these commands parse options,
-turn the library's `ValueError` / `OSError` into error messages (exit code 1), and write the results.
+turn the library's `ValueError` / `OSError` into error messages (exit code 1), and write the results. Whatever can be
+checked before the evaluation is (the output files, the device, the model's config and its code), so that a run of
+hours never ends in an error that was known at its start, and its results are written before the optional plot.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -58,6 +62,13 @@ def _model_options(command: Callable) -> Callable:
         ),
         click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of MODEL."),
         click.option(
+            "--trust-remote-code",
+            is_flag=True,
+            help="Run the Python code MODEL ships even when it is not this package's LlamaLongLoRA code (only for "
+            "code you trust: it runs with your rights). LlamaLongLoRA checkpoints written by this version and stock "
+            "models need no flag.",
+        ),
+        click.option(
             "--device", default="auto", show_default=True, help="auto (CUDA if available, else CPU), cpu, cuda:0, ..."
         ),
         click.option(
@@ -94,6 +105,59 @@ def _model_options(command: Callable) -> Callable:
 
 def _fail(error: Exception) -> click.ClickException:
     return click.ClickException(str(error))
+
+
+def _check_writable(path: str, option: str) -> Path:
+    """Refuse, before any evaluation, a results file that could not be written at its end."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise click.ClickException(f"{option} {path} is a folder; pass a file name, e.g. {target / 'results.json'}.")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the nearest existing folder: the missing ones are created when writing
+    if not folder.is_dir():
+        raise click.ClickException(
+            f"{option} {path} cannot be written: {folder} is a file, not a folder; pass another path."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise click.ClickException(f"{option} {path} cannot be written (no permission in {folder}); pass another path.")
+    return target
+
+
+def _check_plot(path: str, output: str | None) -> None:
+    """`--plot` needs matplotlib and a file type it writes; checked before the evaluation, not after it."""
+    target = _check_writable(path, "--plot")
+    if output and target.resolve() == Path(output).expanduser().resolve():
+        raise click.ClickException(f"--plot and --output are both {path}; pass two different files.")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise click.ClickException("--plot needs matplotlib: `pip install matplotlib`, or leave out --plot.") from None
+    formats = Figure().canvas.get_supported_filetypes()
+    if target.suffix.lower().removeprefix(".") not in formats:
+        raise click.ClickException(
+            f"--plot {path} is not an image file matplotlib writes; end it in .png (or one of "
+            f"{', '.join('.' + name for name in sorted(formats))})."
+        )
+
+
+def _write_results(result: dict[str, Any], output: str | None, plot: str | None = None) -> None:
+    """The JSON first, then the heatmap: a plot that fails cannot cost the results."""
+    from .evaluation.report import plot_passkey_heatmap, save_result
+
+    if output:
+        try:
+            click.echo(f"Results written to {save_result(result, output)}")
+        except OSError as error:
+            raise click.ClickException(
+                f"Could not write the results to {output} ({error}); the table above holds them."
+            ) from error
+    if plot:
+        try:
+            click.echo(f"Heatmap written to {plot_passkey_heatmap(result, plot)}")
+        except (ImportError, OSError, ValueError) as error:
+            kept = f" (the results are in {output})" if output else " (the table above holds the results)"
+            raise click.ClickException(f"Could not write the heatmap to {plot}: {error}{kept}.") from error
 
 
 @click.group("eval", context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,18 +228,29 @@ def ppl(
     attn_implementation: str | None,
     batch_size: int,
     output: str | None,
+    trust_remote_code: bool,
 ) -> None:
     """Perplexity of MODEL on long documents at one or more context lengths.
 
     MODEL is a LlamaLongLoRA checkpoint, a merged or stock Llama, or a base with --adapter (a folder or a Hub id).
     Evaluation uses full attention unless --s2 is given.
     """
-    from .evaluation.loading import check_reachable, load_config, load_model, load_tokenizer, resolve_source
+    from .evaluation.loading import (
+        check_reachable,
+        load_config,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_source,
+    )
     from .evaluation.perplexity import evaluate_perplexity, load_tokens, plan_windows
-    from .evaluation.report import make_result, markdown_table, save_result
+    from .evaluation.report import make_result, markdown_table
 
+    if output:
+        _check_writable(output, "--output")
     try:
-        source = resolve_source(model, adapter, revision)
+        device = resolve_device(device)
+        source = resolve_source(model, adapter, revision, trust_remote_code=trust_remote_code)
         config = load_config(source)  # no weights yet: length errors come at once
         check_reachable(config, seq_lens, model)
         # token ids need no tokenizer, so a checkpoint without tokenizer files can still be evaluated on them
@@ -211,8 +286,7 @@ def ppl(
     }
     result = make_result("perplexity", protocol, loaded.info, settings, results)
     click.echo(markdown_table(result))
-    if output:
-        click.echo(f"Results written to {save_result(result, output)}")
+    _write_results(result, output)
 
 
 @eval_group.command("passkey")
@@ -262,18 +336,31 @@ def passkey(
     attn_implementation: str | None,
     batch_size: int,
     output: str | None,
+    trust_remote_code: bool,
 ) -> None:
     """Passkey retrieval accuracy of MODEL by prompt length and needle depth.
 
     The LongLoRA reference protocol: a pass key hidden in repeated filler text, greedy decoding, exact match of the
     answer's tokens. MODEL is a LlamaLongLoRA checkpoint, a merged or stock Llama, or a base with --adapter.
     """
-    from .evaluation.loading import check_reachable, load_config, load_model, load_tokenizer, resolve_source
+    from .evaluation.loading import (
+        check_reachable,
+        load_config,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_source,
+    )
     from .evaluation.passkey import build_passkey_prompt, run_passkey
-    from .evaluation.report import make_result, markdown_table, plot_passkey_heatmap, save_result
+    from .evaluation.report import make_result, markdown_table
 
+    if output:
+        _check_writable(output, "--output")
+    if plot:
+        _check_plot(plot, output)
     try:
-        source = resolve_source(model, adapter, revision)
+        device = resolve_device(device)
+        source = resolve_source(model, adapter, revision, trust_remote_code=trust_remote_code)
         check_reachable(load_config(source), lengths, model, option="--lengths")
         tokenizer = load_tokenizer(source)
         for length in lengths:  # a length too short for the prompt's fixed parts fails before the model loads
@@ -295,13 +382,7 @@ def passkey(
     settings["batch_size"] = batch_size
     result = make_result("passkey", "passkey", loaded.info, settings, numbers)
     click.echo(markdown_table(result))
-    if plot:
-        try:
-            click.echo(f"Heatmap written to {plot_passkey_heatmap(result, plot)}")
-        except ImportError as error:
-            raise _fail(error) from error
-    if output:
-        click.echo(f"Results written to {save_result(result, output)}")
+    _write_results(result, output, plot)
 
 
 __all__ = ["eval_group"]

@@ -43,18 +43,20 @@ def merge_command(
 
     Streamed tensor by tensor: memory stays around the adapter plus one tensor, whatever the model's size.
     """
-    from .merge import MergeError, merge_adapter
+    from .convert import sigterm_as_exit
+    from .merge import merge_adapter
 
     try:
-        folder = merge_adapter(
-            adapter,
-            output,
-            base=base,
-            architecture=architecture,
-            dtype=dtype,
-            max_shard_size=parse_size(max_shard_size),
-        )
-    except (MergeError, OSError) as error:
+        with sigterm_as_exit():  # `kill` or a scheduler's cancel then removes the half-written output too
+            folder = merge_adapter(
+                adapter,
+                output,
+                base=base,
+                architecture=architecture,
+                dtype=dtype,
+                max_shard_size=parse_size(max_shard_size),
+            )
+    except (ValueError, OSError) as error:  # MergeError is a ValueError; FileNotFoundError an OSError
         raise click.ClickException(str(error)) from error
     click.echo(f"Merged {adapter} -> {folder} ({architecture})")
     if architecture == "llama":

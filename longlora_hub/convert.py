@@ -8,15 +8,24 @@ exactly the parameters of Llama, so the base's weight files serve unchanged.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import os
+import re
 import shutil
+import signal
+import socket
+import sys
+import threading
+import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .rope import EXTENSION_ROPE_TYPES, position_interpolation
+from .rope import EXTENSION_ROPE_TYPES, position_interpolation, read_rope
 
 if TYPE_CHECKING:
     from .remote_code.configuration_llama_longlora import LlamaLongLoRAConfig
@@ -26,6 +35,13 @@ SUPPORTED_MODEL_TYPES = ("llama", "llama_longlora")
 # that a model card written later can name the base even when training only saw a local copy
 PROVENANCE_FILE = "longlora_hub.json"
 REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
+# the architecture whose code this package ships, and so may run without asking (see `trust_remote_code_for`)
+OWN_MODEL_TYPE = "llama_longlora"
+# inside a staging folder: which process writes it, so that a later run can tell a dead run's leftovers from a live one
+STAGING_OWNER_FILE = ".longlora-hub-writer.json"
+# a staging folder whose writer cannot be checked (another machine, or one from a version that did not record it) is
+# removed once nothing in it has changed for this long: no write of a checkpoint pauses for a day
+STALE_STAGING_HOURS = 24
 
 # the weight formats transformers loads, in its order of preference, each with the index that names its shards: a
 # checkpoint holding both is read from safetensors only, so only those are downloaded and copied
@@ -62,6 +78,39 @@ DROPPED_CONFIG_KEYS = (
 def remote_code_files() -> list[Path]:
     """The files of `longlora_hub/remote_code/` that every converted checkpoint carries (all but `__init__.py`)."""
     return sorted(path for path in REMOTE_CODE_DIR.glob("*.py") if path.name != "__init__.py")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    r"""
+    The contents of a checkpoint's `config.json`, which must be a JSON object.
+
+    Args:
+        path (`str` or `Path`):
+            The `config.json` file.
+
+    Returns:
+        `dict[str, Any]`: Its contents.
+
+    Raises:
+        `FileNotFoundError`: If there is no such file.
+        `ValueError`: If it is not valid JSON, or holds something other than an object (a list, a string, ...).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No config.json in {path.parent}; pass the folder of a transformers checkpoint (the one with config.json "
+            "and the weights)."
+        )
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore it from the original checkpoint.") from None
+    if not isinstance(found, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(found).__name__}, not an object with the model's settings "
+            '({"model_type": ..., "hidden_size": ..., ...}); restore it from the original checkpoint.'
+        )
+    return found
 
 
 def _check_s2_settings(group_size_ratio: float, group_size: int | None) -> None:
@@ -244,6 +293,149 @@ def _cached_checkpoint(base: str, revision: str | None, error: Exception) -> Pat
     return folder
 
 
+def checkpoint_file(checkpoint: str | Path, name: str, revision: str | None = None) -> Path | None:
+    r"""
+    One small file of a checkpoint, without the rest: from a local folder as is, from a Hub repo downloaded alone.
+
+    Args:
+        checkpoint (`str` or `Path`):
+            A local checkpoint folder or a Hub repo id.
+        name (`str`):
+            The file, e.g. `"config.json"`.
+        revision (`str`, *optional*):
+            The branch, tag or commit of a Hub repo. Ignored for a local folder.
+
+    Returns:
+        `Path` or `None`: The file, or `None` when the checkpoint has no such file (or is neither a folder nor a
+        valid repo id: loading it then says so).
+
+    Raises:
+        `FileNotFoundError`: If the Hub repo or revision does not exist or cannot be reached.
+    """
+    local = Path(checkpoint).expanduser()
+    if local.exists():
+        return local / name if (local / name).is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(checkpoint))
+    except HFValidationError:
+        return None
+    try:
+        return Path(hf_hub_download(str(checkpoint), name, revision=revision))
+    except EntryNotFoundError:  # not in the repo, or (offline) not in the cache
+        return None
+    except Exception as error:
+        raise _download_error(str(checkpoint), error) from error
+
+
+def _code_references(auto_map: Any) -> list[str]:
+    """The classes an `auto_map` (of `config.json` or `tokenizer_config.json`) loads from Python files, e.g.
+    `"modeling_llama_longlora.LlamaLongLoRAForCausalLM"` or `"other/repo--modeling_x.XModel"`."""
+    values = auto_map.values() if isinstance(auto_map, dict) else auto_map if isinstance(auto_map, list) else []
+    found = []
+    for value in values:
+        found += [str(item) for item in (value if isinstance(value, list | tuple) else [value]) if item]
+    return found
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def trust_remote_code_for(
+    checkpoint: str | Path,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    option: str = "--trust-remote-code",
+) -> bool:
+    r"""
+    The `trust_remote_code` to load `checkpoint` with, decided before any of its code can run.
+
+    Loading with `trust_remote_code=True` runs the Python files a checkpoint names in its `auto_map`. This package
+    runs them unasked only when they are its own: model type `llama_longlora`, every class of the `auto_map` in this
+    package's remote-code files, and each of those files byte for byte the one this package ships (so an edited
+    file, or one written by another version of longlora-hub, is not run unasked either). Any other checkpoint that
+    needs its own code loads only when the user allows it (`trust_remote_code`), as in TRL and vLLM. A checkpoint
+    that transformers' own classes load (a stock Llama, even one whose `auto_map` names code) needs none and gets
+    `False`. From the Hub only `config.json`, `tokenizer_config.json` and, for a `llama_longlora` one, its
+    remote-code files are downloaded for the decision (into the Hugging Face cache, where loading finds them).
+
+    Args:
+        checkpoint (`str` or `Path`):
+            A local checkpoint folder (or an adapter folder with a tokenizer) or a Hub repo id.
+        revision (`str`, *optional*):
+            The Hub revision that will be loaded; the decision reads that revision's files.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            The user allows any code the checkpoint ships.
+        option (`str`, *optional*, defaults to `"--trust-remote-code"`):
+            How the user allows it, for the message.
+
+    Returns:
+        `bool`: `True` when loading may run the checkpoint's code, `False` when no code of the checkpoint is needed.
+
+    Raises:
+        `ValueError`: If `config.json` is not a JSON object, or the checkpoint needs code that is not this package's
+            and the user did not allow it; the message names `option`.
+        `FileNotFoundError`: If a Hub repo or revision cannot be found or reached.
+    """
+    name = str(checkpoint)
+    config_path = checkpoint_file(checkpoint, "config.json", revision)
+    config = read_config_file(config_path) if config_path is not None else {}
+    tokenizer_map: Any = None
+    tokenizer_path = checkpoint_file(checkpoint, "tokenizer_config.json", revision)
+    if tokenizer_path is not None:
+        try:
+            tokenizer_config = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            tokenizer_config = {}  # the tokenizer then fails to load, with transformers' message
+        tokenizer_map = tokenizer_config.get("auto_map") if isinstance(tokenizer_config, dict) else None
+    references = _code_references(config.get("auto_map"))
+    tokenizer_references = _code_references(tokenizer_map)
+    if not references and not tokenizer_references:
+        return False  # nothing to run: transformers' own classes load it
+    if trust_remote_code:
+        return True
+    model_type = config.get("model_type")
+    if model_type != OWN_MODEL_TYPE:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if model_type in CONFIG_MAPPING_NAMES:
+            # transformers has this architecture: with trust_remote_code=False it loads its own classes and never
+            # imports the files the auto_map names
+            return False
+    own = {path.stem: path for path in remote_code_files()}
+    foreign = [
+        reference
+        for reference in references + tokenizer_references
+        if "--" in reference or reference.rpartition(".")[0] not in own
+    ]
+    if model_type != OWN_MODEL_TYPE or foreign or tokenizer_references:
+        shown = ", ".join(foreign or references + tokenizer_references)
+        raise ValueError(
+            f"{name} needs its own Python code to load (model_type {model_type!r}, auto_map: {shown}), and "
+            f"longlora-hub runs no checkpoint's code unasked except its own LlamaLongLoRA. If you trust the code of "
+            f"{name}, read it and pass {option}."
+        )
+    changed = []
+    for path in own.values():
+        found = checkpoint_file(checkpoint, path.name, revision)
+        if found is None:
+            changed.append(f"{path.name} (missing)")
+        elif _sha256(found) != _sha256(path):
+            changed.append(path.name)
+    if changed:
+        raise ValueError(
+            f"{name} is a LlamaLongLoRA checkpoint, but these of its files differ from this longlora-hub's: "
+            f"{', '.join(changed)} (written by another version, or edited), so that code is not run unasked. Pass "
+            f"{option} if you trust it, or copy this version's files from {REMOTE_CODE_DIR} over them to load the "
+            "checkpoint with this version's code."
+        )
+    return True
+
+
 def _files_to_copy(folder: Path) -> list[Path]:
     """The base's files that a conversion copies: what `checkpoint_files` picks, less the two files it rewrites."""
     names = [path.name for path in folder.iterdir() if path.is_file()]
@@ -262,6 +454,177 @@ def _check_output(output: Path, base_folder: Path) -> None:
         raise FileExistsError(
             f"{output} already exists and is not empty; pass a new or empty folder (nothing is overwritten)."
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# staging: a checkpoint is written into a hidden sibling folder and renamed onto the output when complete
+
+
+def _say(message: str) -> None:
+    print(f"[longlora-hub] {message}", file=sys.stderr)
+
+
+def _process_start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, Linux), to tell it from a later process given the same
+    PID; `None` where `/proc` does not say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        return int(stat.rpartition(")")[2].split()[19])  # field 22; the name before ")" may hold spaces
+    except (IndexError, ValueError):
+        return None
+
+
+def _pid_namespace() -> str | None:
+    """The PID namespace of this process (Linux): two containers with one hostname do not share PIDs."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _writer_record() -> dict[str, Any]:
+    pid = os.getpid()
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "pid_namespace": _pid_namespace(),
+        "started": _process_start_time(pid),
+    }
+
+
+def _writer_alive(record: Any) -> bool | None:
+    """Whether the process a staging folder's record names still runs: `None` when this machine cannot tell (another
+    host or PID namespace, no record, Windows, where signal 0 is not a liveness check)."""
+    if not isinstance(record, dict) or os.name == "nt":
+        return None
+    pid = record.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return None
+    if record.get("host") != socket.gethostname() or record.get("pid_namespace") != _pid_namespace():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    except OSError:
+        return None
+    started = record.get("started")
+    if started is not None and _process_start_time(pid) not in (None, started):
+        return False  # the PID now belongs to a process that started after the writer
+    return True
+
+
+def _hours_since_last_change(folder: Path) -> float:
+    """Hours since anything in `folder` was last modified (links themselves, never their targets)."""
+    newest = folder.lstat().st_mtime
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            try:
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+            except OSError:
+                continue  # removed while walking
+    return max(0.0, time.time() - newest) / 3600
+
+
+def remove_stale_staging(output: str | Path) -> list[Path]:
+    r"""
+    Remove the staging folders an interrupted run (`kill -9`, a crash, a power cut) left next to `output`, and say so.
+
+    A run writes `output` into a hidden sibling, `.NAME.<12 hex digits>.partial`, holding a record of its process
+    (PID, start time, host). A staging folder of the same output is stale when that process has ended (or its PID
+    now belongs to a later process), or, when this machine cannot check the process (written on another host, or by
+    a version that kept no record), when nothing in it changed for `STALE_STAGING_HOURS` hours. A folder a running
+    process may still be writing is left alone, and named. Only the folders' own files go: links to a base's
+    weights are removed, never what they point to.
+
+    Args:
+        output (`str` or `Path`):
+            The output folder whose stale staging folders to remove.
+
+    Returns:
+        `list[Path]`: The folders removed.
+    """
+    output = Path(output).expanduser()
+    if not output.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.[0-9a-f]{{12}}\.partial")
+    removed = []
+    for folder in sorted(output.parent.iterdir()):
+        if not pattern.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            record = json.loads((folder / STAGING_OWNER_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None
+        alive = _writer_alive(record)
+        if alive is None:
+            hours = _hours_since_last_change(folder)
+            if hours < STALE_STAGING_HOURS:
+                _say(
+                    f"left {folder} alone: a run elsewhere may still be writing {output.name} (changed {hours:.1f} "
+                    f"hours ago); it is removed once untouched for {STALE_STAGING_HOURS} hours, or remove it yourself."
+                )
+                continue
+            why = f"untouched for {hours:.0f} hours"
+        elif alive:
+            _say(f"left {folder} alone: process {record['pid']} is still writing {output.name} there.")
+            continue
+        else:
+            why = f"process {record['pid']} that wrote it has ended"
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():
+            _say(f"could not remove {folder}, left by an interrupted run ({why}); remove it yourself.")
+            continue
+        _say(f"removed {folder}, left by an interrupted run ({why}).")
+        removed.append(folder)
+    return removed
+
+
+def create_staging(output: Path) -> Path:
+    """A new staging folder for `output` (after removing stale ones), on its filesystem so the final rename is atomic,
+    holding the record of this process that `remove_stale_staging` reads."""
+    remove_stale_staging(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # created with `mkdir` rather than `tempfile.mkdtemp` so the folder gets the user's usual permissions, not 0700
+    staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.partial"
+    staging.mkdir()
+    try:
+        (staging / STAGING_OWNER_FILE).write_text(json.dumps(_writer_record()) + "\n", encoding="utf-8")
+    except BaseException:  # a full disk already: leave nothing
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def finish_staging(staging: Path, output: Path) -> None:
+    """Rename the complete `staging` folder onto `output` (absent or empty), without the writer's record."""
+    (staging / STAGING_OWNER_FILE).unlink()
+    if output.exists():
+        output.rmdir()  # checked empty before; a directory cannot be renamed onto another on every platform
+    staging.rename(output)
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM (`kill`, `timeout`, a scheduler's cancel) raises `SystemExit` like Ctrl-C raises
+    `KeyboardInterrupt`, so a command's cleanup runs and leaves no staging folder; for commands, not the library."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_config(
@@ -302,6 +665,7 @@ def build_config(
     if rope_type not in EXTENSION_ROPE_TYPES:
         raise ValueError(f"The RoPE type must be one of {', '.join(EXTENSION_ROPE_TYPES)}, got {rope_type!r}.")
     _check_s2_settings(group_size_ratio, group_size)
+    read_rope(config_dict)  # a RoPE transformers cannot run (factor 0, a string) is refused here, not at training
     if context_length is None:
         extension = {}
         dropped = DROPPED_CONFIG_KEYS[:5]  # the class keys only: RoPE and context stay as they are
@@ -340,7 +704,9 @@ def convert_checkpoint(
     Convert a Llama checkpoint into a LlamaLongLoRA checkpoint extended to `context_length` tokens.
 
     The weights are copied, never loaded, so this takes seconds and no memory whatever the model size. The output
-    is written to a temporary folder next to `output` and renamed at the end: a failure leaves nothing behind.
+    is written to a temporary folder next to `output` and renamed at the end: a failure leaves nothing behind, and
+    what a killed run left (`.NAME.<id>.partial`) is removed by the next conversion to the same output (see
+    [`remove_stale_staging`]).
 
     Args:
         base (`str` or `Path`):
@@ -383,18 +749,7 @@ def convert_checkpoint(
         _check_output(output, local_base)  # before any download or work
     base_folder = resolve_checkpoint(base)
     _check_output(output, base_folder)
-    config_path = base_folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"No config.json in {base_folder}; pass the folder of a transformers checkpoint (the one with "
-            "config.json and the weights)."
-        )
-    try:
-        config_dict = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{config_path} is not valid JSON ({error}); restore it from the original checkpoint."
-        ) from None
+    config_dict = read_config_file(base_folder / "config.json")
     config = build_config(
         config_dict,
         context_length,
@@ -409,15 +764,11 @@ def convert_checkpoint(
             f"No weights (*.safetensors or *.bin) in {base_folder}; pass a complete checkpoint folder."
         )
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # a hidden sibling on the same filesystem, so the final rename is atomic; created with `mkdir` rather than
-    # `tempfile.mkdtemp` so the folder gets the user's usual permissions, not 0700
-    staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.partial"
-    staging.mkdir()
     provenance = read_provenance(base_folder)
     provenance["base_model"] = base_model or (None if is_local(base) else str(base)) or provenance.get("base_model")
     provenance["kind"] = "converted"
     provenance["license"] = provenance.get("license") or read_license(base_folder)
+    staging = create_staging(output)
     try:
         config.save_pretrained(staging)
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
@@ -428,9 +779,7 @@ def convert_checkpoint(
                 (staging / path.name).symlink_to(path.resolve())
             else:
                 shutil.copyfile(path, staging / path.name)  # follows Hub-cache symlinks: the output stands alone
-        if output.exists():
-            output.rmdir()  # checked empty above; a directory cannot be renamed onto another on every platform
-        staging.rename(output)
+        finish_staging(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -438,12 +787,21 @@ def convert_checkpoint(
 
 
 __all__ = [
+    "OWN_MODEL_TYPE",
     "PROVENANCE_FILE",
+    "STALE_STAGING_HOURS",
     "SUPPORTED_MODEL_TYPES",
     "build_config",
+    "checkpoint_file",
     "checkpoint_files",
     "convert_checkpoint",
+    "create_staging",
+    "finish_staging",
+    "read_config_file",
     "read_provenance",
     "remote_code_files",
+    "remove_stale_staging",
     "resolve_checkpoint",
+    "sigterm_as_exit",
+    "trust_remote_code_for",
 ]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,8 +32,12 @@ import torch
 from .convert import (
     OTHER_PATTERNS,
     PROVENANCE_FILE,
+    SUPPORTED_MODEL_TYPES,
     TOKENIZER_PATTERNS,
     build_config,
+    create_staging,
+    finish_staging,
+    read_config_file,
     read_license,
     read_provenance,
     remote_code_files,
@@ -78,6 +81,12 @@ class LoraDelta:
     lora_b: torch.Tensor
     scale: float
     transpose: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of `delta()`, without computing it."""
+        shape = (self.lora_b.shape[0], self.lora_a.shape[1])  # (out, r) @ (r, in) -> (out, in)
+        return shape[::-1] if self.transpose else shape
 
     def delta(self) -> torch.Tensor:
         product = self.lora_b.float() @ self.lora_a.float()  # (out, r) @ (r, in) -> (out, in)
@@ -136,9 +145,21 @@ def load_adapter(folder: str | Path) -> Adapter:
     if not config_path.is_file():
         hint = " (a trainer output keeps its final adapter at the top)" if any(folder.glob("checkpoint-*")) else ""
         raise FileNotFoundError(f"No adapter_config.json in {folder}; pass a PEFT adapter folder{hint}.")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MergeError(f"{config_path} is not valid JSON ({error}); restore it from the training run.") from None
+    if not isinstance(config, dict):
+        raise MergeError(
+            f"{config_path} holds a JSON {type(config).__name__}, not an object; restore it from the training run."
+        )
     if config.get("peft_type") != "LORA":
         raise MergeError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA adapters can be merged.")
+    if isinstance(config.get("lora_alpha"), bool) or not isinstance(config.get("lora_alpha"), int | float):
+        raise MergeError(
+            f"{config_path} has no numeric lora_alpha (got {config.get('lora_alpha')!r}); restore it from the training "
+            "run."
+        )
     for unsupported, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases"), ("trainable_token_indices", "")):
         if config.get(unsupported):
             raise MergeError(
@@ -180,8 +201,21 @@ def _base_files(folder: Path) -> list[Path]:
     """The base's safetensors files, in index order."""
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return [folder / name for name in dict.fromkeys(weight_map.values())]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise MergeError(
+                f"{index} is not a valid weights index ({type(error).__name__}: {error}); restore it from the original "
+                "checkpoint."
+            ) from None
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{index} names {len(missing)} weight files the base does not hold (e.g. {missing[0]}); pass a "
+                "complete checkpoint, or restore the missing shards from the original."
+            )
+        return [folder / name for name in names]
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
@@ -216,7 +250,7 @@ def _shard_name(index: int, count: int) -> str:
 
 
 def _untied_output(
-    base_folder: Path, entries: list[tuple[Path, TensorEntry]], adapter: Adapter
+    config: dict[str, Any], entries: list[tuple[Path, TensorEntry]], adapter: Adapter
 ) -> tuple[Path, TensorEntry] | None:
     r"""
     The `lm_head.weight` a tied base (`tie_word_embeddings`, no `lm_head.weight` in its files) needs in the merge, or
@@ -229,7 +263,6 @@ def _untied_output(
     cast and written like any other tensor. PEFT's `ensure_weight_tying` saves one trained tensor under both names;
     then the tie holds and the duplicate is dropped from `adapter`.
     """
-    config = json.loads((base_folder / "config.json").read_text(encoding="utf-8"))
     by_name = {entry.name: (path, entry) for path, entry in entries}
     if not config.get("tie_word_embeddings") or OUTPUT_EMBEDDING in by_name or INPUT_EMBEDDING not in by_name:
         return None
@@ -246,6 +279,43 @@ def _untied_output(
         return None
     path, entry = by_name[INPUT_EMBEDDING]
     return path, replace(entry, name=OUTPUT_EMBEDDING)
+
+
+def _check_fits(adapter: Adapter, entries: list[tuple[Path, TensorEntry]], base_folder: Path) -> None:
+    """Every tensor the adapter changes exists in the base with the shape the adapter gives it (from the headers)."""
+    shapes = {entry.name: tuple(entry.shape) for _, entry in entries}
+    unknown = sorted(adapter.targets - set(shapes))
+    if unknown:
+        raise MergeError(
+            f"The adapter changes {len(unknown)} tensors the base at {base_folder} does not have (e.g. {unknown[0]}): "
+            "it was trained on another architecture. Pass the right --base."
+        )
+    for name in sorted(adapter.targets):
+        given = [tuple(adapter.replacements[name].shape)] if name in adapter.replacements else []
+        given += [adapter.deltas[name].shape] if name in adapter.deltas else []
+        for shape in given:
+            if shape == shapes[name]:
+                continue
+            raise MergeError(
+                f"The adapter's {name} has shape {shape} but the base's is {shapes[name]}: the adapter was trained on "
+                "another base (or a resized vocabulary). Pass the right --base."
+            )
+
+
+def _check_free_space(output: Path, needed: int) -> None:
+    """Refuse a merge the output's disk cannot hold, before writing any of it."""
+    folder = output.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # a filesystem that does not say: the write itself reports a full disk
+    if free < needed:
+        raise MergeError(
+            f"The merged weights need {needed / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free; free some "
+            "space or pass an OUTPUT on another disk."
+        )
 
 
 def _merged(name: str, tensor: torch.Tensor, adapter: Adapter, out_dtype: torch.dtype) -> torch.Tensor:
@@ -268,36 +338,39 @@ def _merged(name: str, tensor: torch.Tensor, adapter: Adapter, out_dtype: torch.
     return tensor.to(out_dtype)
 
 
-def _write_config(
-    base_folder: Path,
-    staging: Path,
+def _check_base_config(config_dict: dict[str, Any], base_folder: Path) -> None:
+    """What a merge needs of the base's `config.json`, checked before any tensor is read."""
+    if config_dict.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise MergeError(
+            f"The base at {base_folder} is a {config_dict.get('model_type')!r} model; this merge writes Llama-family "
+            "checkpoints. Pass the Llama base the adapter was trained on with --base."
+        )
+    read_rope(config_dict)  # a RoPE transformers cannot run (factor 0, a string) is refused before any work
+
+
+def _output_config(
+    config_dict: dict[str, Any],
     architecture: str,
     dtype: torch.dtype | None,
     base_dtype: torch.dtype | None,
     untie: bool = False,
-) -> dict[str, Any]:
-    config_dict = json.loads((base_folder / "config.json").read_text(encoding="utf-8"))
-    if config_dict.get("model_type") not in ("llama", "llama_longlora"):
-        raise MergeError(
-            f"The base at {base_folder} is a {config_dict.get('model_type')!r} model; this merge writes Llama-family "
-            "checkpoints."
-        )
-    if untie:  # the merge wrote lm_head.weight; a tied config would make transformers drop it for the embedding
+) -> Any:
+    """The merged model's config object, built (and so checked by transformers) before any shard is written."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    config_dict = dict(config_dict)
+    if untie:  # the merge writes lm_head.weight; a tied config would make transformers drop it for the embedding
         config_dict["tie_word_embeddings"] = False
-    dtype_name = str(dtype or base_dtype or torch.float32).removeprefix("torch.")
     config_dict.pop("torch_dtype", None)
-    config_dict["dtype"] = dtype_name
-    if architecture == "llama_longlora":
-        config = build_config(
-            config_dict,
-            None,  # the base's RoPE and context, as trained
-            group_size_ratio=config_dict.get("s2_group_size_ratio", 0.25),
-            group_size=config_dict.get("s2_group_size"),
-        )
-        config.save_pretrained(staging)
-        for path in remote_code_files():
-            shutil.copyfile(path, staging / path.name)
-    else:
+    config_dict["dtype"] = str(dtype or base_dtype or torch.float32).removeprefix("torch.")
+    try:
+        if architecture == "llama_longlora":
+            return build_config(
+                config_dict,
+                None,  # the base's RoPE and context, as trained
+                group_size_ratio=config_dict.get("s2_group_size_ratio", 0.25),
+                group_size=config_dict.get("s2_group_size"),
+            )
         from transformers import LlamaConfig
 
         dropped = (*LONGLORA_CONFIG_KEYS, "transformers_version", "_name_or_path", "rope_scaling", "rope_theta")
@@ -307,11 +380,26 @@ def _write_config(
         if rope["rope_type"] == "default":  # an unscaled RoPE has no factor; transformers warns about one
             rope.pop("factor", None)
         values.update(model_type="llama", architectures=["LlamaForCausalLM"], rope_parameters=rope)
-        LlamaConfig(**values).save_pretrained(staging)
-        written = json.loads((staging / "config.json").read_text(encoding="utf-8"))
-        written.update(legacy_rope_fields(written.get("rope_parameters") or {}))
-        (staging / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return json.loads((staging / "config.json").read_text(encoding="utf-8"))
+        return LlamaConfig(**values)
+    except (TypeError, ValueError, StrictDataclassError) as error:
+        if isinstance(error, MergeError):
+            raise
+        summary = " ".join(str(error).split())
+        raise MergeError(
+            f"The base's config.json cannot give a {architecture} config ({type(error).__name__}: {summary}); fix "
+            "that value in the base's config.json, or restore it from the original checkpoint."
+        ) from None
+
+
+def _save_config(config: Any, staging: Path, architecture: str) -> None:
+    config.save_pretrained(staging)
+    if architecture == "llama_longlora":
+        for path in remote_code_files():
+            shutil.copyfile(path, staging / path.name)
+        return
+    written = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+    written.update(legacy_rope_fields(written.get("rope_parameters") or {}))
+    (staging / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _copy_side_files(adapter: Adapter, base_folder: Path, staging: Path) -> None:
@@ -344,7 +432,9 @@ def merge_adapter(
             `output_dir`.
         output (`str` or `Path`):
             A new or empty folder. It is written under a temporary name and renamed at the end, so a failure
-            leaves nothing behind.
+            leaves nothing behind; what a killed merge left there is removed by the next one (see
+            [`~convert.remove_stale_staging`]). Everything that can be checked (the base's `config.json`, the
+            adapter's shapes, the free disk space) is checked before the first shard is written.
         base (`str` or `Path`, *optional*):
             The base checkpoint (a folder or a Hub id); defaults to the adapter's `base_model_name_or_path`.
         architecture (`str`, *optional*, defaults to `"llama_longlora"`):
@@ -360,7 +450,8 @@ def merge_adapter(
     Raises:
         `FileNotFoundError`: A missing adapter, base or weights file.
         `FileExistsError`: `output` exists and is not empty.
-        `MergeError`: The adapter does not fit the base, or an argument is invalid.
+        `MergeError`: The adapter does not fit the base, an argument is invalid, or the disk is too small.
+        `ValueError`: The base's `config.json` is not a JSON object, or its RoPE is invalid.
     """
     if architecture not in ARCHITECTURES:
         raise MergeError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}.")
@@ -381,25 +472,22 @@ def merge_adapter(
     if output.resolve() in (base_folder.resolve(), lora.folder.resolve()):
         raise MergeError(f"The output folder {output} is an input; pass a new folder.")
 
+    # everything that can be checked is checked before the first shard is written: a large merge takes minutes
+    config_dict = read_config_file(base_folder / "config.json")
+    _check_base_config(config_dict, base_folder)
     files = _base_files(base_folder)
     entries = [(path, entry) for path in files for entry in read_header(path)[0]]
-    output_embedding = _untied_output(base_folder, entries, lora)
+    output_embedding = _untied_output(config_dict, entries, lora)
     if output_embedding is not None:
         entries.append(output_embedding)
-    names = {entry.name for _, entry in entries}
-    unknown = sorted(lora.targets - names)
-    if unknown:
-        raise MergeError(
-            f"The adapter changes {len(unknown)} tensors the base at {base_folder} does not have (e.g. {unknown[0]}): "
-            "it was trained on another architecture. Pass the right --base."
-        )
+    _check_fits(lora, entries, base_folder)
     floating = [entry.dtype for _, entry in entries if entry.dtype.is_floating_point]
     base_dtype = max(set(floating), key=floating.count) if floating else None
+    config = _output_config(config_dict, architecture, dtype, base_dtype, untie=output_embedding is not None)
     shards = _plan_shards(entries, dtype, max_shard_size)
+    _check_free_space(output, sum(tensor_nbytes(e.shape, d) for shard in shards for _, e, d in shard))
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.partial"
-    staging.mkdir()
+    staging = create_staging(output)
     try:
         weight_map: dict[str, str] = {}
         total = 0
@@ -422,7 +510,7 @@ def merge_adapter(
         if len(shards) > 1:
             index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (staging / SAFETENSORS_INDEX).write_text(json.dumps(index_json, indent=2) + "\n", encoding="utf-8")
-        _write_config(base_folder, staging, architecture, dtype, base_dtype, untie=output_embedding is not None)
+        _save_config(config, staging, architecture)
         _copy_side_files(lora, base_folder, staging)
         provenance = read_provenance(base_folder)
         provenance["license"] = read_license(base_folder)
@@ -438,9 +526,7 @@ def merge_adapter(
             modules_to_save=lora.config.get("modules_to_save") or [],
         )
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-        if output.exists():
-            output.rmdir()
-        staging.rename(output)
+        finish_staging(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -53,6 +53,10 @@ def _config_as_dict(config: Any) -> dict[str, Any]:
     return fields
 
 
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0 and value != float("inf")
+
+
 def read_rope(config: Mapping[str, Any] | Any) -> dict[str, Any]:
     r"""
     Read the RoPE of a config in any of the forms transformers has used.
@@ -68,9 +72,16 @@ def read_rope(config: Mapping[str, Any] | Any) -> dict[str, Any]:
         legacy `type` key is folded into `rope_type`.
 
     Raises:
-        `ValueError`: If the RoPE is given per layer type, which no Llama checkpoint does.
+        `ValueError`: If `rope_parameters` or `rope_scaling` is not an object, the factor or `rope_theta` is not a
+            positive number, or the RoPE is given per layer type, which no Llama checkpoint does.
     """
     source = _config_as_dict(config)
+    for key in ("rope_parameters", "rope_scaling"):
+        if source.get(key) is not None and not isinstance(source[key], Mapping):
+            raise ValueError(
+                f'The config\'s {key} must be an object such as {{"rope_type": "linear", "factor": 4.0}}, got '
+                f"{source[key]!r}; fix it in config.json (or remove it for unscaled RoPE)."
+            )
     parameters = source.get("rope_parameters") or {}
     legacy = source.get("rope_scaling") or {}
     # transformers 5.x lets `rope_scaling` win over `rope_parameters` when a config.json has both
@@ -82,7 +93,25 @@ def read_rope(config: Mapping[str, Any] | Any) -> dict[str, Any]:
         )
     rope_type = chosen.pop("rope_type", None) or chosen.get("type") or "default"
     chosen.pop("type", None)
-    theta = chosen.pop("rope_theta", None) or source.get("rope_theta") or parameters.get("rope_theta")
+    theta = next(
+        (
+            value
+            for value in (chosen.pop("rope_theta", None), source.get("rope_theta"), parameters.get("rope_theta"))
+            if value is not None
+        ),
+        None,
+    )
+    if theta is not None and not _is_positive_number(theta):
+        raise ValueError(
+            f"The config's rope_theta must be a positive number (10000.0 for Llama 2, 500000.0 for Llama 3), got "
+            f"{theta!r}; fix it in config.json."
+        )
+    if rope_type != "default" and "factor" in chosen and not _is_positive_number(chosen["factor"]):
+        raise ValueError(
+            f"The config's RoPE factor must be a positive number (the context's multiple of the pretraining one), got "
+            f"{chosen['factor']!r} for {rope_type!r} RoPE; fix the factor in config.json's rope_parameters (or "
+            "rope_scaling), or remove the scaling for unscaled RoPE."
+        )
     max_positions = source.get("max_position_embeddings")
 
     rope: dict[str, Any] = {"rope_type": rope_type, **chosen, "rope_theta": float(theta or DEFAULT_ROPE_THETA)}

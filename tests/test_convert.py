@@ -4,6 +4,8 @@ import json
 import re
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -273,6 +275,118 @@ def test_existing_output_is_refused_and_kept(base, tmp_path):
 def test_output_is_base(base):
     with pytest.raises(ValueError, match="output folder is the base"):
         convert_checkpoint(base, base / ".." / base.name, 1024)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ('["a", "list"]', r"config\.json holds a JSON list, not an object.*restore it from the original checkpoint"),
+        ('"llama"', r"config\.json holds a JSON str, not an object"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 0}}, r"RoPE factor must be a positive number .*got 0"),
+        ({"rope_scaling": {"type": "linear", "factor": -2.0}}, r"RoPE factor must be a positive number .*got -2\.0"),
+        ({"rope_parameters": "linear"}, r"rope_parameters must be an object such as .*got 'linear'"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, r"rope_theta must be a positive number"),
+    ],
+)
+def test_invalid_configs_are_clean_errors(base, tmp_path, change, message):
+    (base / "config.json").write_text(change if isinstance(change, str) else json.dumps(read_config(base) | change))
+    with pytest.raises(ValueError, match=message):
+        convert_checkpoint(base, tmp_path / "out", 1024)
+    result = CliRunner().invoke(main, ["convert", str(base), str(tmp_path / "out"), "--context-length", "1024"])
+    assert result.exit_code == 1 and re.search(message, result.output), result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what an interrupted conversion leaves, and the next one removes
+
+# a conversion that kills itself with SIGNAL while copying the weights: `python -c KILLED SIGNAL ARGS...`
+KILLED = """
+import os, shutil, signal, sys
+copy = shutil.copyfile
+def dying_copy(source, target, *args, **kwargs):
+    if str(source).endswith(".safetensors"):
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return copy(source, target, *args, **kwargs)
+shutil.copyfile = dying_copy
+from longlora_hub.cli import main
+main(sys.argv[2:])
+"""
+
+
+def _interrupted_convert(base: Path, output: Path, signal_name: str) -> int:
+    args = ["convert", str(base), str(output), "--context-length", "1024"]
+    return subprocess.run([sys.executable, "-c", KILLED, signal_name, *args], capture_output=True).returncode
+
+
+def _staging(output: Path) -> list[Path]:
+    return sorted(output.parent.glob(f".{output.name}.*.partial"))
+
+
+def test_a_rerun_removes_what_a_killed_conversion_left(base, tmp_path):
+    output = tmp_path / "out"
+    assert _interrupted_convert(base, output, "SIGKILL") == -9
+    (left,) = _staging(output)
+    assert not output.exists()
+    result = CliRunner().invoke(main, ["convert", str(base), str(output), "--context-length", "1024"])
+    assert result.exit_code == 0, result.output
+    assert f"removed {left}, left by an interrupted run (process" in result.output
+    assert _staging(output) == [] and (output / "model.safetensors").is_file()
+    assert not (output / convert_module.STAGING_OWNER_FILE).exists()  # the writer's record stays out of the output
+
+
+def test_sigterm_during_a_conversion_leaves_nothing(base, tmp_path):
+    output = tmp_path / "out"
+    assert _interrupted_convert(base, output, "SIGTERM") == 128 + 15  # exited through its cleanup, not killed
+    assert _staging(output) == [] and not output.exists()
+
+
+def test_only_stale_staging_folders_of_the_same_output_are_removed(base, tmp_path, capsys):
+    import os
+    import time
+
+    output = tmp_path / "out"
+
+    def staging(name: str, record: dict | None, hours_old: float = 0.0) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half a model")
+        (folder / "weights-link").symlink_to(base / "model.safetensors")  # a linked base must survive
+        if record is not None:
+            (folder / convert_module.STAGING_OWNER_FILE).write_text(json.dumps(record))
+        when = time.time() - hours_old * 3600
+        for path in (folder / "model.safetensors", folder / convert_module.STAGING_OWNER_FILE, folder):
+            if path.exists():
+                os.utime(path, (when, when))
+        os.utime(folder / "weights-link", (when, when), follow_symlinks=False)
+        return folder
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    this_process = convert_module._writer_record()
+    dead = staging(".out.0123456789ab.partial", this_process | {"pid": ended.pid})
+    live = staging(".out.0123456789ac.partial", this_process)  # a run still writing: this very process
+    recycled = staging(".out.0123456789ad.partial", this_process | {"started": -1})  # same PID, another process
+    elsewhere = staging(".out.0123456789ae.partial", this_process | {"host": "another-machine"}, hours_old=2)
+    unrecorded_old = staging(".out.0123456789af.partial", None, hours_old=25)
+    unrecorded_new = staging(".out.0123456789b0.partial", None, hours_old=1)
+    other_output = staging(".out.b.0123456789b1.partial", None, hours_old=100)  # the output "out.b", not "out"
+    not_staging = staging(".out.backup.partial", None, hours_old=100)
+    removed = convert_module.remove_stale_staging(output)
+    if this_process["started"] is None:  # no /proc: a PID's start time is unknown, so a reused PID looks alive
+        assert removed == [dead, unrecorded_old]
+    else:
+        assert removed == [dead, recycled, unrecorded_old]
+    for folder in (live, elsewhere, unrecorded_new, other_output, not_staging):
+        assert (folder / "model.safetensors").is_file(), folder
+    assert (base / "model.safetensors").is_file()
+    said = capsys.readouterr().err
+    assert f"removed {dead}, left by an interrupted run (process {ended.pid} that wrote it has ended)" in said
+    assert f"removed {unrecorded_old}, left by an interrupted run (untouched for 25 hours)" in said
+    assert f"left {live} alone: process {os.getpid()} is still writing out there" in said
+    assert f"left {elsewhere} alone: a run elsewhere may still be writing out" in said
+    assert str(other_output) not in said and str(not_staging) not in said
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -466,3 +467,145 @@ def test_cli_errors(tmp_path, base_dir, longlora_dir, adapter_dir, documents):
     fails("ppl", base_dir, "--data", data, "--seq-len", 128, "--s2", match="only LlamaLongLoRA")
     # a passkey length too short for the prompt
     fails("passkey", longlora_dir, "--lengths", 64, match="too short")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# what is checked before an evaluation starts, and what an evaluation cannot lose
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make loading the model fail loudly: an error meant to come before the evaluation must come before this."""
+    from longlora_hub.evaluation import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+
+
+def test_output_paths_are_checked_before_the_evaluation(tmp_path, longlora_dir, documents, no_loading):
+    data = write_bin(tmp_path / "data.bin", documents.joined)
+    (tmp_path / "a-file").write_text("not a folder")
+    ppl = ("ppl", longlora_dir, "--data", data, "--seq-len", 128)
+    passkey = ("passkey", longlora_dir, "--lengths", 256, "--trials", 1)
+    cases = [
+        ((*ppl, "--output", tmp_path / "a-file" / "r.json"), r"a-file is a file, not a folder; pass another path"),
+        ((*passkey, "--output", tmp_path / "a-file" / "r.json"), r"a-file is a file, not a folder"),
+        ((*passkey, "--plot", tmp_path / "heatmap.xyz", "-o", tmp_path / "r.json"), r"end it in \.png"),
+        ((*passkey, "--plot", tmp_path / "BAD"), r"--plot .*BAD is not an image file.*end it in \.png"),
+        ((*passkey, "--plot", tmp_path / "a-file" / "h.png"), r"a-file is a file, not a folder"),
+        ((*passkey, "--plot", tmp_path / "x.png", "-o", tmp_path / "x.png"), "pass two different files"),
+    ]
+    for args, message in cases:
+        result = invoke(*args)
+        assert result.exit_code == 1, result.output
+        assert re.search(message, result.output), result.output
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_results_are_written_before_the_plot(tmp_path, longlora_dir, monkeypatch):
+    from longlora_hub.evaluation import report
+
+    def broken_plot(result, path):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(report, "plot_passkey_heatmap", broken_plot)
+    out = tmp_path / "r.json"
+    result = invoke("passkey", longlora_dir, "--lengths", 256, "--depths", 0.5, "--trials", 1, "--plot",
+                    tmp_path / "h.png", "-o", out)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "Could not write the heatmap" in result.output and f"the results are in {out}" in result.output
+    assert json.loads(out.read_text())["results"]["accuracy"].keys() == {"256"}
+
+
+def test_a_device_this_machine_lacks_is_refused_first(tmp_path, base_dir, documents, monkeypatch):
+    from longlora_hub.evaluation import loading
+
+    data = write_bin(tmp_path / "data.bin", documents.joined)
+    monkeypatch.setattr(loading, "load_config", lambda source: pytest.fail("the device is checked first"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in [
+        ("cuda", r"--device cuda needs a CUDA GPU, but .*; use --device cpu"),
+        ("cuda:0", r"--device cuda:0 needs a CUDA GPU"),
+        ("gpu", r"--device gpu is not a device name; use auto, cpu, cuda"),
+    ]:
+        result = invoke("ppl", base_dir, "--data", data, "--seq-len", 128, "--device", device)
+        assert result.exit_code == 1 and re.search(message, result.output), result.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    result = invoke("passkey", base_dir, "--lengths", 128, "--device", "cuda:2")
+    assert result.exit_code == 1 and "names GPU 2, but this machine has 2 (cuda:0 to cuda:1)" in result.output
+
+
+def test_an_adapter_of_another_model_is_refused_cleanly(tmp_path, base_dir, documents, tokenizer):
+    from peft import get_peft_model
+
+    from longlora_hub.trainable import lora_config
+
+    data = write_bin(tmp_path / "data.bin", documents.joined)
+    other = tmp_path / "other-base"
+    tiny_llama(0, hidden_size=32, intermediate_size=64).save_pretrained(other)
+    get_peft_model(tiny_llama(0, hidden_size=32, intermediate_size=64), lora_config("lora")).save_pretrained(
+        tmp_path / "other-adapter"
+    )
+    result = invoke("ppl", base_dir, "--adapter", tmp_path / "other-adapter", "--data", data, "--seq-len", 128)
+    assert result.exit_code == 1, result.output
+    assert re.search(r"does not fit .*: size mismatch for .*lora_A.* and \d+ more\. It was trained on another model",
+                     result.output), result.output  # fmt: skip
+    assert result.output.count("size mismatch") == 1  # one message, not torch's list of every tensor
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ('["a", "list"]', r"config\.json holds a JSON list, not an object.*restore it"),
+        (
+            {"rope_parameters": {"rope_type": "linear", "factor": 0}},
+            r"RoPE factor must be a positive number .*got 0 for 'linear' RoPE; fix",
+        ),
+        ({"rope_parameters": {"rope_type": "linear", "factor": -4.0}}, r"positive number .*got -4\.0 for 'linear'"),
+        ({"rope_parameters": "linear"}, r"rope_parameters must be an object such as .*got 'linear'"),
+    ],
+)
+def test_invalid_configs_are_clean_errors(tmp_path, base_dir, documents, change, message):
+    folder = Path(shutil.copytree(base_dir, tmp_path / "model"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(change if isinstance(change, str) else json.dumps(config | change))
+    data = write_bin(tmp_path / "data.bin", documents.joined)
+    for args in (("ppl", folder, "--data", data, "--seq-len", 128), ("passkey", folder, "--lengths", 128)):
+        result = invoke(*args)
+        assert result.exit_code == 1 and re.search(message, result.output), result.output
+
+
+def test_an_adapter_config_that_is_not_an_object_is_a_clean_error(tmp_path, base_dir, documents):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("[]")
+    data = write_bin(tmp_path / "data.bin", documents.joined)
+    result = invoke("ppl", base_dir, "--adapter", adapter, "--data", data, "--seq-len", 128)
+    assert result.exit_code == 1 and "holds a JSON list, not an object" in result.output, result.output
+
+
+def test_passkey_prompts_are_built_as_the_run_goes(tokenizer, monkeypatch):
+    """A run of many trials starts at once: prompts are built batch by batch, not all before the first trial."""
+    from longlora_hub.evaluation import passkey
+
+    built = []
+    real_build = passkey.build_passkey_prompt
+
+    def counting_build(*args, **kwargs):
+        built.append(args)
+        return real_build(*args, **kwargs)
+
+    class FirstTrial(Exception):
+        pass
+
+    class StopAtFirstGenerate:
+        def generate(self, **kwargs):
+            raise FirstTrial
+
+    monkeypatch.setattr(passkey, "build_passkey_prompt", counting_build)
+    with pytest.raises(FirstTrial):
+        run_passkey(StopAtFirstGenerate(), tokenizer, [256], trials=300, batch_size=2, device="cpu", progress=False)
+    assert len(built) == 2  # the first batch's prompts only

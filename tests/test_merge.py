@@ -2,6 +2,8 @@
 bad input, and its peak memory against loading the model whole (through `benchmarks/merge.py`)."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -305,6 +307,90 @@ def test_bad_input_is_refused_and_leaves_nothing(sharded, tmp_path):
         merge_adapter(adapter, tmp_path / "out", base=pickled)
     result = CliRunner().invoke(cli, ["merge", str(adapter), str(tmp_path / "out"), "--max-shard-size", "lots"])
     assert result.exit_code == 2 and "is not a size" in result.output
+
+
+@pytest.fixture
+def no_shard_written(monkeypatch):
+    """Fail if the merge starts writing a shard: the errors below must all come before the first one."""
+    import longlora_hub.merge as merge_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a shard was written before the error")
+
+    monkeypatch.setattr(merge_module, "ShardWriter", refuse)
+
+
+@pytest.mark.parametrize(
+    ("config_text", "error", "message"),
+    [
+        ("{not json", ValueError, r"config\.json is not valid JSON .*restore it from the original checkpoint"),
+        ('["a", "list"]', ValueError, r"config\.json holds a JSON list, not an object"),
+        ({"model_type": "mistral"}, MergeError, r"is a 'mistral' model; this merge writes Llama-family"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 0}}, ValueError, r"RoPE factor must be a positive"),
+        ({"rope_scaling": "linear"}, ValueError, r"rope_scaling must be an object"),
+        ({"num_attention_heads": "four"}, MergeError, r"cannot give a llama(_longlora)? config .*fix that value"),
+    ],
+)
+def test_the_base_config_is_checked_before_any_shard(sharded, tmp_path, no_shard_written, config_text, error, message):
+    base, adapter = sharded
+    broken = Path(shutil.copytree(base, tmp_path / "base"))
+    if not isinstance(config_text, str):
+        config_text = json.dumps(json.loads((base / "config.json").read_text()) | config_text)
+    (broken / "config.json").write_text(config_text)
+    with pytest.raises(error, match=message):
+        merge_adapter(adapter, tmp_path / "out", base=broken, architecture="llama")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["base"]  # no output, no staging folder
+    result = CliRunner().invoke(cli, ["merge", str(adapter), str(tmp_path / "out"), "--base", str(broken)])
+    assert result.exit_code == 1 and re.search(message, result.output), result.output
+    assert "Traceback" not in result.output
+
+
+def test_adapter_shapes_and_disk_space_are_checked_before_any_shard(sharded, tmp_path, no_shard_written, monkeypatch):
+    from longlora_hub import merge as merge_module
+    from longlora_hub.testing import tiny_llama
+
+    base, adapter = sharded
+    other = tmp_path / "other-base"
+    tiny_llama(hidden_size=32, intermediate_size=64).save_pretrained(other)
+    with pytest.raises(MergeError, match=r"has shape .* but the base's is .*trained on another base"):
+        merge_adapter(adapter, tmp_path / "out", base=other)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(merge_module.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(MergeError, match=r"need .* GB but .* has 0\.00 GB free; free some space or pass an OUTPUT"):
+        merge_adapter(adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_an_adapter_config_that_is_not_an_object_is_refused(sharded, tmp_path):
+    _, adapter = sharded
+    broken = Path(shutil.copytree(adapter, tmp_path / "adapter"))
+    (broken / "adapter_config.json").write_text("[]")
+    with pytest.raises(MergeError, match=r"adapter_config\.json holds a JSON list, not an object"):
+        merge_adapter(broken, tmp_path / "out")
+    (broken / "adapter_config.json").write_text("{")
+    with pytest.raises(MergeError, match=r"adapter_config\.json is not valid JSON"):
+        merge_adapter(broken, tmp_path / "out")
+
+
+def test_a_rerun_removes_what_a_killed_merge_left(sharded, tmp_path):
+    """`kill -9` in the middle of a merge (here the merge kills itself while writing its first tensor) leaves its
+    hidden staging folder; the next merge to the same output removes it and says so."""
+    _, adapter = sharded
+    output = tmp_path / "merged"
+    killed = (
+        "import os, signal, sys\n"
+        "import longlora_hub.merge as merge\n"
+        "merge.ShardWriter.write = lambda self, *args: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from longlora_hub.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", killed, "merge", str(adapter), str(output)], capture_output=True)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    (left,) = tmp_path.glob(".merged.*.partial")
+    result = CliRunner().invoke(cli, ["merge", str(adapter), str(output)])
+    assert result.exit_code == 0, result.output
+    assert f"removed {left}, left by an interrupted run (process" in result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged"]
 
 
 def test_streamed_merge_memory_against_loading_whole():

@@ -2,8 +2,11 @@
 PEFT adapter), its tokenizer, and the facts about them that a result records.
 
 Everything a user can get wrong (a missing folder, an adapter whose base cannot be found, a length beyond what the
-model's RoPE covers) raises `FileNotFoundError` or `ValueError` with a message that says how to fix it; the command
-line turns those into its error messages.
+model's RoPE covers, a device this machine lacks, an adapter of another model) raises `FileNotFoundError` or
+`ValueError` with a message that says how to fix it; the command line turns those into its error messages.
+
+A checkpoint's own Python code runs only when it is this package's LlamaLongLoRA code or the user allows it
+(`trust_remote_code`, the `--trust-remote-code` flag): see [`~longlora_hub.convert.trust_remote_code_for`].
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class ModelSource:
             The Hub revision asked for (a branch, tag or commit).
         base_from_adapter (`bool`, *optional*, defaults to `False`):
             `base` was read from the adapter's `adapter_config.json` rather than named by the user.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            The user allows the checkpoint's own code even when it is not this package's (`--trust-remote-code`).
     """
 
     model: str
@@ -42,6 +47,20 @@ class ModelSource:
     adapter: str | None = None
     revision: str | None = None
     base_from_adapter: bool = False
+    trust_remote_code: bool = False
+    # location -> the trust_remote_code decided for it, so a Hub checkpoint's files are checked once
+    _trusted: dict[str, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def trust_for(self, location: str) -> bool:
+        """The `trust_remote_code` to load `location` (the base or the adapter folder) with."""
+        from ..convert import trust_remote_code_for
+
+        if location not in self._trusted:
+            revision = None if location == self.adapter else self.revision
+            self._trusted[location] = trust_remote_code_for(
+                location, revision, self.trust_remote_code, option="--trust-remote-code"
+            )
+        return self._trusted[location]
 
 
 @dataclass
@@ -96,9 +115,14 @@ def _read_adapter_config(folder: Path) -> dict[str, Any]:
             "LongLoRA training run)."
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}); restore it from the training run.") from None
+    if not isinstance(found, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(found).__name__}, not an object; restore it from the training run."
+        )
+    return found
 
 
 def _check_model_exists(name: str, what: str) -> None:
@@ -112,7 +136,9 @@ def _check_model_exists(name: str, what: str) -> None:
         raise FileNotFoundError(f"No {what} at {name}: it is neither a folder nor a Hugging Face Hub id.")
 
 
-def resolve_source(model: str, adapter: str | None = None, revision: str | None = None) -> ModelSource:
+def resolve_source(
+    model: str, adapter: str | None = None, revision: str | None = None, trust_remote_code: bool = False
+) -> ModelSource:
     r"""
     Work out which checkpoint to load and which adapter to apply.
 
@@ -126,6 +152,8 @@ def resolve_source(model: str, adapter: str | None = None, revision: str | None 
             A PEFT adapter folder to apply on `model`.
         revision (`str`, *optional*):
             The Hub revision of `model`.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow the checkpoint's own code even when it is not this package's.
 
     Returns:
         `ModelSource`: What to load.
@@ -139,7 +167,9 @@ def resolve_source(model: str, adapter: str | None = None, revision: str | None 
             raise FileNotFoundError(f"No adapter folder at {adapter}; pass the folder that holds {ADAPTER_CONFIG}.")
         _read_adapter_config(adapter_dir)
         _check_model_exists(model, "base model")
-        return ModelSource(model=model, base=model, adapter=str(adapter_dir), revision=revision)
+        return ModelSource(
+            model=model, base=model, adapter=str(adapter_dir), revision=revision, trust_remote_code=trust_remote_code
+        )
 
     folder = Path(model).expanduser()
     if folder.is_dir() and (folder / ADAPTER_CONFIG).is_file():
@@ -156,10 +186,17 @@ def resolve_source(model: str, adapter: str | None = None, revision: str | None 
                 f"The base model of the adapter {model} was not found: base_model_name_or_path is {base!r} "
                 f"({ADAPTER_CONFIG}). {fix}"
             )
-        return ModelSource(model=model, base=base, adapter=str(folder), revision=revision, base_from_adapter=True)
+        return ModelSource(
+            model=model,
+            base=base,
+            adapter=str(folder),
+            revision=revision,
+            base_from_adapter=True,
+            trust_remote_code=trust_remote_code,
+        )
 
     _check_model_exists(model, "model")
-    return ModelSource(model=model, base=model, revision=revision)
+    return ModelSource(model=model, base=model, revision=revision, trust_remote_code=trust_remote_code)
 
 
 def load_config(source: ModelSource) -> Any:
@@ -168,11 +205,26 @@ def load_config(source: ModelSource) -> Any:
 
     Raises:
         `FileNotFoundError`: If the checkpoint cannot be found or downloaded.
+        `ValueError`: If its `config.json` is not a valid config (not an object, an invalid RoPE), or it needs code
+            that is not this package's and `source.trust_remote_code` is not set.
     """
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    from ..convert import checkpoint_file, read_config_file
+    from ..rope import read_rope
+
     try:
-        return AutoConfig.from_pretrained(source.base, trust_remote_code=True, revision=source.revision)
+        trust = source.trust_for(source.base)  # reads config.json (from the Hub: downloads it alone) before any code
+        path = checkpoint_file(source.base, "config.json", source.revision)
+        if path is not None:
+            read_rope(read_config_file(path))  # a RoPE transformers would reject with a traceback, or run as NaN
+        return AutoConfig.from_pretrained(source.base, trust_remote_code=trust, revision=source.revision)
+    except StrictDataclassError as error:  # transformers' check of a field's type: a multi-line message
+        raise ValueError(
+            f"The config.json of {source.base} is not a valid config ({' '.join(str(error).split())}); fix that field "
+            "or restore the file from the original checkpoint."
+        ) from None
     except OSError as error:
         if source.base_from_adapter:
             raise FileNotFoundError(
@@ -235,11 +287,34 @@ def check_reachable(config: Any, lengths: list[int], model_name: str, option: st
 
 
 def resolve_device(device: str = "auto") -> str:
-    """`"auto"` is the first CUDA GPU when there is one, else the CPU; anything else is passed to torch as is."""
+    r"""
+    The device to evaluate on: `"auto"` is the first CUDA GPU when there is one, else the CPU; anything else must be
+    a device this machine has.
+
+    Raises:
+        `ValueError`: If `device` is not a torch device name, or names a GPU this machine (or this build of torch)
+            does not have.
+    """
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device} is not a device name; use auto, cpu, cuda, cuda:1, mps, ...") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "torch finds no CUDA GPU"
+            raise ValueError(f"--device {device} needs a CUDA GPU, but {why}; use --device cpu (or auto).")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(
+                f"--device {device} names GPU {parsed.index}, but this machine has {count} (cuda:0 to "
+                f"cuda:{count - 1}); pass one of those."
+            )
+    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device} needs Apple's MPS, which this machine lacks; use --device cpu (or auto).")
     return device
 
 
@@ -261,9 +336,10 @@ def load_tokenizer(source: ModelSource) -> Any:
     location = source.base
     if source.adapter and (Path(source.adapter) / "tokenizer_config.json").is_file():
         location = source.adapter
+    trust = source.trust_for(location)
     try:
         return AutoTokenizer.from_pretrained(
-            location, trust_remote_code=True, revision=None if location == source.adapter else source.revision
+            location, trust_remote_code=trust, revision=None if location == source.adapter else source.revision
         )
     except (OSError, ValueError) as error:
         raise FileNotFoundError(
@@ -303,7 +379,8 @@ def load_model(
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict[str, Any] = {"trust_remote_code": True, "dtype": torch_dtype, "revision": source.revision}
+    trust = source.trust_for(source.base)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust, "dtype": torch_dtype, "revision": source.revision}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if device != "cpu":
@@ -315,7 +392,10 @@ def load_model(
     if source.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, source.adapter, torch_device=device)
+        try:
+            model = PeftModel.from_pretrained(model, source.adapter, torch_device=device)
+        except RuntimeError as error:  # torch's "size mismatch for ..." list, one line per tensor
+            raise ValueError(_adapter_mismatch(source, error)) from None
     model.eval()
     config = model.config
     info = {
@@ -331,6 +411,21 @@ def load_model(
         "device": device,
     }
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, info=info)
+
+
+def _adapter_mismatch(source: ModelSource, error: RuntimeError) -> str:
+    """The message for an adapter whose tensors do not fit the model it was put on."""
+    mismatches = [line.strip() for line in str(error).splitlines() if line.strip().startswith("size mismatch")]
+    if not mismatches:
+        return f"The adapter {source.adapter} cannot be applied to {source.base}: {' '.join(str(error).split())}"
+    trained_on = _read_adapter_config(Path(source.adapter)).get("base_model_name_or_path")
+    where = f" ({ADAPTER_CONFIG} names {trained_on!r})" if trained_on else ""
+    more = f" and {len(mismatches) - 1} more" if len(mismatches) > 1 else ""
+    return (
+        f"The adapter {source.adapter} does not fit {source.base}: {mismatches[0].rstrip('.')}{more}. It was trained "
+        f"on another model{where}: evaluate it on that base, e.g. `longlora-hub eval ... {trained_on or 'BASE'} "
+        f"--adapter {source.adapter}`."
+    )
 
 
 __all__ = [

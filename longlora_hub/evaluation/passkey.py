@@ -370,11 +370,13 @@ def run_passkey(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         pad = 0  # only ever under the attention mask's zeros
-    prompts = [build_passkey_prompt(tokenizer, trial.length, trial.depth, trial.key) for trial in plan]
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(plan), desc="passkey", unit="prompt", disable=not progress)
     with torch.no_grad():
         for batch in _batches(plan, batch_size):
+            # built batch by batch: building them all first (dozens of tokenizations each) kept a run of many
+            # trials silent for minutes before its first one
+            prompts = {i: build_passkey_prompt(tokenizer, plan[i].length, plan[i].depth, plan[i].key) for i in batch}
             width = max(len(prompts[i].input_ids) for i in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
