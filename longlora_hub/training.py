@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
-from dataclasses import dataclass, field
+import types
+import typing
+import zipfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .convert import trust_remote_code_for
 from .data import DEFAULT_TEMPLATE, load_raw_dataset, pack_documents, to_prompt_completion
 from .remote_code.configuration_llama_longlora import S2_SHIFTS
 from .remote_code.s2_attention import s2_group_size
@@ -34,6 +39,24 @@ TINY_3M_SHAPE = {
     "max_position_embeddings": 256,
 }
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# what `prepare_base` made `output_dir/base` from, so that a later run reuses it only for the same model and settings.
+# Its own file rather than a key of the base's `longlora_hub.json`: merged models copy that record, and this one
+# holds local paths
+CONVERSION_RECORD = "longlora_hub_conversion.json"
+# the folders the Trainer saves checkpoints in (transformers' PREFIX_CHECKPOINT_DIR)
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# what a trainer leaves in output_dir, all made from output_dir/base: while any is there, base must not change
+RUN_RESULTS = (
+    "checkpoint-*",
+    "adapter_config.json",
+    "adapter_model.*",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "trainer_state.json",
+    "training_args.bin",
+)
 
 
 @dataclass
@@ -60,6 +83,16 @@ class ModelArguments:
         default="sdpa", metadata={"help": "eager, sdpa, flex_attention (GPU) or flash_attention_2 (GPU)."}
     )
     dtype: str = field(default="auto", metadata={"help": f"Weights dtype: one of {DTYPES}."})
+    # not read from the YAML or the command line itself: TRL's SFTConfig already has `trust_remote_code` (the key a
+    # recipe sets) and a second field of that name would clash in the parser; check_arguments copies SFTConfig's value
+    trust_remote_code: bool = field(
+        default=False,
+        init=False,
+        metadata={
+            "help": "Run the code of a checkpoint that is not this package's LlamaLongLoRA (see "
+            "longlora_hub.convert.trust_remote_code_for); set from SFTConfig's trust_remote_code."
+        },
+    )
 
 
 @dataclass
@@ -121,10 +154,15 @@ class DataArguments:
 
 
 def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data_args, training_args) -> None:
-    """Every configuration error, before any model or data is loaded, each naming the fix."""
+    """Every configuration error, before any model or data is loaded, each naming the fix; also resolves
+    `training_args.resume_from_checkpoint` to the checkpoint folder to resume from, checked (see
+    [`resume_checkpoint`])."""
+    # `trust_remote_code: true` in a recipe lands in SFTConfig's field of that name (see ModelArguments)
+    model_args.trust_remote_code = bool(getattr(training_args, "trust_remote_code", False))
     # an empty value on the command line (`--dataset_name ""`) means "not set", e.g. to switch to data_files
     data_args.dataset_name = data_args.dataset_name or None
     data_args.data_files = data_args.data_files or None
+    _check_field_types(model_args, ll_args, data_args)
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required: a Llama checkpoint folder, a Hub id or builtin:tiny-llama.")
     if ll_args.stage not in STAGES:
@@ -147,9 +185,19 @@ def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data
         raise ValueError(f"s2_shift must be one of {S2_SHIFTS}, got {ll_args.s2_shift!r}.")
     if not 0 < ll_args.s2_group_size_ratio <= 1:
         raise ValueError(f"s2_group_size_ratio must be in (0, 1], got {ll_args.s2_group_size_ratio}.")
+    if ll_args.lora_r < 1:
+        raise ValueError(f"lora_r must be at least 1, got {ll_args.lora_r}; the paper uses 8.")
     length = training_args.max_length
-    if length is None or length < 2:
-        raise ValueError("max_length must be set: it is the training sequence length (the extend stage's row length).")
+    if length is None:
+        raise ValueError(
+            "max_length must be set: it is the training sequence length (the extend stage's row length), e.g. "
+            "max_length: 8192."
+        )
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(
+            f"max_length must be a whole number of tokens, at least 2, got {length!r}: it is the training sequence "
+            "length (the extend stage's row length); set it to the context to train at, e.g. max_length: 8192."
+        )
     group = ll_args.s2_group_size
     if group is not None and (group < 2 or group % 2 or group > length):
         raise ValueError(
@@ -177,6 +225,175 @@ def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data
             "padding_free: the extend stage packs its own rows of max_length tokens; set keep_documents_apart: true "
             "instead, which turns on TRL's padding-free collator with the documents' boundaries."
         )
+    training_args.resume_from_checkpoint = resume_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
+
+
+def _check_field_types(*arguments) -> None:
+    """Check each field of these dataclasses against its type. A YAML value reaches them as YAML typed it: TrlParser
+    makes it the argparse default, which argparse converts only from a string, so `lora_r: 8.5` would stay a float
+    and `s2_group_size_ratio: [0.25]` a list, to fail far from the config. A lone string where a list of strings is
+    expected (`data_files: docs.jsonl`) becomes a one-item list, as the same flag gives on the command line."""
+    wanted = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+    for instance in arguments:
+        hints = typing.get_type_hints(type(instance))
+        for spec in fields(instance):
+            name, value, hint = spec.name, getattr(instance, spec.name), hints[spec.name]
+            options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+            if value is None and (type(None) in options or spec.default is None):
+                continue
+            expected = next(option for option in options if option is not type(None))
+            if expected not in wanted and typing.get_origin(expected) is not list:
+                continue  # a type this check does not know is left to argparse and to what reads the field
+            if typing.get_origin(expected) is list:
+                if isinstance(value, str):
+                    setattr(instance, name, [value])
+                elif not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                    raise ValueError(
+                        f"{name} must be a name or a list of names, got {value!r}; write e.g. {name}: [a, b] or "
+                        f"{name}: a."
+                    )
+                continue
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(instance, name, float(value))
+                continue
+            if expected is int and isinstance(value, float) and value.is_integer():
+                setattr(instance, name, int(value))  # `lora_r: 8.0`, as a sweep tool may write it
+                continue
+            if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+                continue
+            if isinstance(value, list) and len(value) == 1 and not isinstance(value[0], list):
+                fix = f"write {name}: {value[0]} (one value, no brackets)"
+            elif expected is int and isinstance(value, float):
+                fix = f"write a whole number, e.g. {name}: {round(value)}"
+            elif expected is str and isinstance(value, int | float):
+                fix = f'quote it: {name}: "{value}"'
+            elif expected is bool and isinstance(value, str):
+                fix = f"write {name}: true or {name}: false, without quotes"
+            else:
+                fix = f"see `python recipes/sft.py --help` for what {name} takes"
+            raise ValueError(f"{name} must be {wanted[expected]}, got {value!r} ({type(value).__name__}); {fix}.")
+
+
+def resume_checkpoint(resume: str | bool | None, output_dir: str | Path) -> str | None:
+    r"""
+    The checkpoint a run resumes from, checked before any model is loaded.
+
+    Args:
+        resume (`str`, `bool` or `None`):
+            `resume_from_checkpoint` as parsed: a checkpoint folder, `True` (or the string `"true"`, which is what
+            `--resume_from_checkpoint true` gives: `SFTConfig` types the field as a path) for the last checkpoint in
+            `output_dir`, or `False`/`None`/`"false"` for a new run. A folder really named `true` is `./true`.
+        output_dir (`str` or `Path`): The run's folder, where `True` looks for `checkpoint-N` folders.
+
+    Returns:
+        `str` or `None`: The checkpoint folder, or `None` for a new run.
+
+    Raises:
+        `ValueError`: If there is no such checkpoint, or a file the Trainer reads on resume (trainer state, weights,
+            optimizer, scheduler, RNG states) is empty, truncated or not valid JSON; the message names the last
+            intact checkpoint of the run, if any.
+    """
+    if isinstance(resume, str) and resume.strip().lower() in ("true", "false"):
+        resume = resume.strip().lower() == "true"
+    if resume is None or resume is False or resume == "":
+        return None
+    if resume is True:
+        found = _checkpoints(Path(output_dir))
+        if not found:
+            raise ValueError(
+                f"resume_from_checkpoint is true, but {output_dir} holds no checkpoint-N folder to resume from; drop "
+                "resume_from_checkpoint to start a new run, or pass the checkpoint folder itself."
+            )
+        folder = found[-1]
+    else:
+        folder = Path(resume).expanduser()
+        if not folder.is_dir():
+            raise ValueError(
+                f"resume_from_checkpoint: no checkpoint folder at {resume}; pass a checkpoint-N folder an earlier run "
+                "saved (output_dir/checkpoint-N), or true for the last one in output_dir."
+            )
+    problem = _checkpoint_problem(folder)
+    if problem is None:
+        return str(folder)
+    step = _checkpoint_step(folder)
+    earlier = [other for other in _checkpoints(folder.parent) if step is None or _checkpoint_step(other) < step]
+    intact = next((other for other in reversed(earlier) if _checkpoint_problem(other) is None), None)
+    if intact is not None:
+        fix = f"resume from {intact}, the last intact checkpoint (--resume_from_checkpoint {intact})"
+    else:
+        fix = "no earlier checkpoint of this run is intact: start a new run without resume_from_checkpoint"
+    raise ValueError(f"Cannot resume from {folder}: {problem}; {fix}.")
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    found = CHECKPOINT_NAME.match(folder.name)
+    return int(found.group(1)) if found else None
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """The `checkpoint-N` folders of a run, by step."""
+    if not output_dir.is_dir():
+        return []
+    found = [path for path in output_dir.iterdir() if path.is_dir() and _checkpoint_step(path) is not None]
+    return sorted(found, key=_checkpoint_step)
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    """What keeps the Trainer from resuming from `folder`, found without loading anything: a missing trainer state,
+    missing weights, or a file it reads that is empty, cut short (a save interrupted by a crash or a full disk) or
+    not valid JSON. Bytes damaged inside a file are left for the loaders to find."""
+    if not (folder / "trainer_state.json").is_file():
+        return "it has no trainer_state.json (its save did not finish)"
+    weights = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json")
+    found = any((folder / name).is_file() for name in weights) or any(folder.glob("pytorch_model*.bin"))
+    if not found and not any(path.is_dir() for path in folder.iterdir()):  # FSDP and DeepSpeed save in subfolders
+        return "it holds no model or adapter weights (its save did not finish)"
+    for path in sorted(folder.iterdir()):
+        # training_args.bin is not read on resume: the run's own arguments apply
+        if not path.is_file() or path.name == "training_args.bin":
+            continue
+        problem = _saved_file_problem(path)
+        if problem:
+            return f"{path.name} is {problem}"
+    return None
+
+
+def _saved_file_problem(path: Path) -> str | None:
+    """How a file the Trainer saved is damaged, from its structure alone, or `None`."""
+    size = path.stat().st_size
+    if size == 0 and path.suffix in (".json", ".safetensors", ".pt", ".pth", ".bin"):
+        return "empty (0 bytes)"
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_bytes())
+        except ValueError as error:
+            return f"not valid JSON ({error}): cut short or overwritten"
+    elif path.suffix == ".safetensors":
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else size
+            try:
+                header = json.loads(handle.read(length)) if 8 + length <= size else None
+            except ValueError:
+                header = None
+        try:
+            ends = [int(info["data_offsets"][1]) for key, info in header.items() if key != "__metadata__"]
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError):  # no header, or one without offsets
+            return "not a readable safetensors file (its header is cut short or damaged)"
+        expected = 8 + length + max(ends, default=0)
+        if size < expected:
+            return f"cut short ({size} bytes of the {expected} its header describes)"
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        with path.open("rb") as handle:
+            is_archive = handle.read(4) == b"PK\x03\x04"  # torch.save's zip format; a legacy pickle is left alone
+        if is_archive:
+            try:
+                zipfile.ZipFile(path).close()  # reads the central directory, written last: a cut file has none
+            except zipfile.BadZipFile:
+                return "cut short (its archive has no central directory)"
+    return None
 
 
 def _builtin_base(name: str, folder: Path) -> Path:
@@ -205,16 +422,29 @@ def _builtin_base(name: str, folder: Path) -> Path:
 def prepare_base(model_args: ModelArguments, ll_args: LongLoRAArguments, output_dir: str, length: int) -> Path:
     """The LlamaLongLoRA checkpoint to train: the given one if it already covers the context, otherwise a
     conversion into `output_dir/base` (config + remote code, weights symlinked, tokenizer copied) that the
-    adapter then names as its base. Only the main process writes; call it under `main_process_first`."""
+    adapter then names as its base. Only the main process writes; call it under `main_process_first`.
+
+    `output_dir/base` records what it was made from (`CONVERSION_RECORD`: the model, its revision and the settings
+    the conversion writes) and is reused only when all of those are this run's, as when resuming. Otherwise it is
+    converted again when nothing depends on it (`output_dir` holds no adapter, model or checkpoint, and `base` only
+    what a conversion writes: links to the weights are removed, never the weights), and refused when something does:
+    rebuilding it would silently change the model that run's adapter and checkpoints name as their base."""
     from .convert import convert_checkpoint, is_local, resolve_checkpoint
 
     source = model_args.model_name_or_path
     if source.startswith("builtin:"):
-        source = str(_builtin_base(source, Path(output_dir) / "builtin-base"))
+        # a folder per builtin model: switching models in one output_dir must not find the other one's weights
+        source = str(_builtin_base(source, Path(output_dir) / "builtin-base" / source.removeprefix("builtin:")))
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source, revision=model_args.model_revision, trust_remote_code=True)
+        config = AutoConfig.from_pretrained(
+            source,
+            revision=model_args.model_revision,
+            trust_remote_code=trust_remote_code_for(
+                source, model_args.model_revision, model_args.trust_remote_code, "trust_remote_code: true"
+            ),
+        )
     except OSError as error:
         raise ValueError(
             f"Cannot read the model {source!r} ({error}). Pass a checkpoint folder or a Hub id you can access."
@@ -227,21 +457,19 @@ def prepare_base(model_args: ModelArguments, ll_args: LongLoRAArguments, output_
     if config.model_type == "llama_longlora" and target <= config.max_position_embeddings:
         return Path(source)
     base = Path(output_dir) / "base"
-    if (base / "config.json").exists():
-        existing = json.loads((base / "config.json").read_text())  # a resumed or repeated run
-        if existing.get("max_position_embeddings", 0) >= target:
-            return base
-        raise ValueError(
-            f"{base} holds a conversion to {existing.get('max_position_embeddings')} tokens, not {target}; remove it "
-            "or use another output_dir."
-        )
+    # a stock Llama trained within its own context still needs the LlamaLongLoRA class for S²
+    context = target if target > config.max_position_embeddings else None
+    wanted = conversion_record(model_args, ll_args, context)
+    if base.exists() or base.is_symlink():
+        if read_conversion_record(base) == wanted:
+            return base  # a resumed or repeated run
+        _remove_stale_base(base, wanted, Path(output_dir))
     # a Hub id: only what loading needs (one weight format, no `original/` folder), into the Hugging Face cache
     local = resolve_checkpoint(source, revision=model_args.model_revision)
-    return convert_checkpoint(
+    converted = convert_checkpoint(
         local,
         base,
-        # a stock Llama trained within its own context still needs the LlamaLongLoRA class for S²
-        target if target > config.max_position_embeddings else None,
+        context,
         group_size_ratio=ll_args.s2_group_size_ratio,
         group_size=ll_args.s2_group_size,
         rope_type=model_args.rope_type,
@@ -249,6 +477,111 @@ def prepare_base(model_args: ModelArguments, ll_args: LongLoRAArguments, output_
         link_weights=True,
         base_model=None if is_local(source) else source,
     )
+    (converted / CONVERSION_RECORD).write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
+    return converted
+
+
+def conversion_record(model_args: ModelArguments, ll_args: LongLoRAArguments, context: int | None) -> dict:
+    r"""
+    What `prepare_base` converts `output_dir/base` from, as written to its `CONVERSION_RECORD`: two runs with the
+    same record get the same base.
+
+    Args:
+        model_args ([`ModelArguments`]): The model, its revision, and the RoPE type and rounding of the extension.
+        ll_args ([`LongLoRAArguments`]): The S² group settings the converted config carries.
+        context (`int` or `None`): The context the base is extended to, or `None` when it keeps its own.
+
+    Returns:
+        `dict`: Keyed by the option names, so a difference reads as the option to change back.
+    """
+    from .convert import is_local
+
+    source = model_args.model_name_or_path
+    local = not source.startswith("builtin:") and is_local(source)
+    return {
+        # a folder by its absolute path, so that `./model` and `/home/me/model` are the same model
+        "model_name_or_path": str(Path(source).expanduser().resolve()) if local else source,
+        "model_revision": None if local or source.startswith("builtin:") else model_args.model_revision,
+        "context_length": context,
+        # without an extension the RoPE is left as it is: its settings change nothing
+        "rope_type": model_args.rope_type if context else None,
+        "rope_ceil": model_args.rope_ceil if context else None,
+        "s2_group_size_ratio": ll_args.s2_group_size_ratio,
+        "s2_group_size": ll_args.s2_group_size,
+    }
+
+
+def read_conversion_record(base: str | Path) -> dict | None:
+    """The `CONVERSION_RECORD` of a base `prepare_base` made, or `None` if it has none that is readable."""
+    try:
+        found = json.loads((Path(base) / CONVERSION_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _remove_stale_base(base: Path, wanted: dict, output_dir: Path) -> None:
+    """Remove a base that `wanted` does not describe when nothing depends on it; otherwise say how to go on."""
+    from fnmatch import fnmatchcase
+
+    found = read_conversion_record(base)
+    if found is None:
+        what = (
+            f"{base} does not record what it was converted from (an older longlora-hub made it, or its conversion "
+            "was interrupted)"
+        )
+    else:
+        changes = ", ".join(
+            f"{key} {found.get(key)!r} -> {value!r}" for key, value in wanted.items() if found.get(key) != value
+        )
+        what = f"{base} was converted for other settings ({changes})"
+    results = sorted(
+        entry.name for entry in output_dir.iterdir() if any(fnmatchcase(entry.name, p) for p in RUN_RESULTS)
+    )
+    if results:
+        shown = ", ".join(results[:4]) + (", ..." if len(results) > 4 else "")
+        fix = (
+            f"delete {base} to have it converted again for this run only if these are that run's settings"
+            if found is None
+            else "to resume that run, give its settings back"
+        )
+        raise ValueError(
+            f"{what}, and the run in {output_dir} ({shown}) names it as its base, so it is not rebuilt under that run. "
+            f"Pass another output_dir; or, {fix}; or delete {output_dir} to start over."
+        )
+    strays = _not_from_a_conversion(base)
+    if strays:
+        raise ValueError(
+            f"{what}, and it holds what a conversion does not write ({', '.join(strays[:4])}), so it is not removed. "
+            f"Move those out of {base}, or pass another output_dir."
+        )
+    print(f"[longlora-hub] {what}: converting it again", flush=True)
+    for entry in base.iterdir():
+        entry.unlink()  # a link to the source's weights goes, never the weights it points to
+    base.rmdir()
+
+
+def _not_from_a_conversion(base: Path) -> list[str]:
+    """The entries of `base` that `convert_checkpoint(..., link_weights=True)` and `prepare_base` do not write:
+    folders, weight files that are not links (a copy someone made) and files of other names."""
+    from fnmatch import fnmatchcase
+
+    from .convert import OTHER_PATTERNS, PROVENANCE_FILE, TOKENIZER_PATTERNS, WEIGHT_FORMATS, remote_code_files
+
+    if base.is_symlink() or not base.is_dir():
+        return [base.name]
+    written = {"config.json", PROVENANCE_FILE, CONVERSION_RECORD, *(path.name for path in remote_code_files())}
+    written.update(index for _, index in WEIGHT_FORMATS)
+    patterns = (*TOKENIZER_PATTERNS, *OTHER_PATTERNS)
+    strays = []
+    for entry in sorted(base.iterdir()):
+        if entry.name.endswith((".safetensors", ".bin")):
+            ours = entry.is_symlink()
+        else:
+            ours = entry.is_file() and (entry.name in written or any(fnmatchcase(entry.name, p) for p in patterns))
+        if not ours:
+            strays.append(entry.name)
+    return strays
 
 
 def write_run_record(output_dir: str | Path, base: Path, model_args, ll_args, data_args, training_args) -> Path:
@@ -326,7 +659,8 @@ def load_model_and_tokenizer(
         group_size = s2_group_size(length, None, ll_args.s2_group_size_ratio)
     model = AutoModelForCausalLM.from_pretrained(
         base,
-        trust_remote_code=True,
+        # revision None: the checkpoint is loaded from its default branch, so its code is checked there
+        trust_remote_code=trust_remote_code_for(base, None, model_args.trust_remote_code, "trust_remote_code: true"),
         dtype=dtype,
         attn_implementation=model_args.attn_implementation,
         s2_attention=ll_args.s2_attention,
@@ -335,15 +669,20 @@ def load_model_and_tokenizer(
         s2_shift=ll_args.s2_shift,
         **kwargs,
     )
-    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        base,
+        trust_remote_code=trust_remote_code_for(base, None, model_args.trust_remote_code, "trust_remote_code: true"),
+    )
     if tokenizer.pad_token is None:
         # pad with EOS rather than adding a token: a new row in the embedding breaks merging and other tokenizers
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def build_dataset(data_args: DataArguments, ll_args: LongLoRAArguments, tokenizer, length: int):
-    raw = load_raw_dataset(
+def load_data(data_args: DataArguments):
+    """The run's raw rows (local JSON files checked line by line first). The recipe reads them before converting or
+    loading the model, so that a data error takes seconds, not a model load."""
+    return load_raw_dataset(
         data_args.dataset_name,
         data_args.data_files,
         split=data_args.dataset_split,
@@ -351,13 +690,28 @@ def build_dataset(data_args: DataArguments, ll_args: LongLoRAArguments, tokenize
         dataset_config=data_args.dataset_config,
         num_builtin_rows=data_args.builtin_rows,
     )
+
+
+def build_dataset(data_args: DataArguments, ll_args: LongLoRAArguments, tokenizer, length: int, raw=None):
+    r"""
+    The training set of the run's stage: packed rows of `length` tokens (extend), or prompt/completion examples that
+    fit in `length` tokens (longqa).
+
+    Args:
+        data_args ([`DataArguments`]): The data and how to read it.
+        ll_args ([`LongLoRAArguments`]): The stage, and the S² group size the longqa examples are compared with.
+        tokenizer (`PreTrainedTokenizerBase`): The model's tokenizer.
+        length (`int`): `max_length`.
+        raw (`Dataset` or `IterableDataset`, *optional*): What [`load_data`] returned; read here when not given.
+    """
+    raw = load_data(data_args) if raw is None else raw
     if ll_args.stage == "extend":
         return pack_documents(raw, tokenizer, length, data_args.text_field, data_args.keep_documents_apart)
     dataset = to_prompt_completion(raw, data_args.prompt_template, data_args.use_chat_template)
     if {"prompt", "completion", "messages"} <= set(dataset.column_names or []):
         # the LongQA builder writes both formats; TRL would pick one by set order, which varies with the hash seed
         dataset = dataset.remove_columns("messages")
-    return drop_too_long(dataset, tokenizer, length)
+    return drop_too_long(dataset, tokenizer, length, ll_args.s2_group_size if ll_args.s2_attention else None)
 
 
 def data_collator(data_args: DataArguments, tokenizer, training_args):
@@ -385,9 +739,10 @@ def data_collator(data_args: DataArguments, tokenizer, training_args):
     )
 
 
-def drop_too_long(dataset, tokenizer, length: int):
+def drop_too_long(dataset, tokenizer, length: int, group_size: int | None = None):
     """Truncating a QA example would cut its answer (the only scored part): drop the examples that do not fit,
-    say how many, and refuse when none fit."""
+    say how many, and refuse when none fit. Warn when an absolute S² `group_size` is above every example kept: a
+    batch is padded to its longest example, so each row would fit in one group and S²-Attn would save nothing."""
     from datasets import IterableDataset
 
     if isinstance(dataset, IterableDataset) or not isinstance(dataset[0]["prompt"], str):
@@ -408,6 +763,14 @@ def drop_too_long(dataset, tokenizer, length: int):
     if len(keep) < len(sizes):
         print(f"[longlora-hub] dropped {len(sizes) - len(keep)} of {len(sizes)} examples longer than {length} tokens")
         dataset = dataset.select(keep)
+    longest = max(sizes[index] for index in keep)
+    if group_size is not None and group_size > longest:
+        print(
+            f"[longlora-hub] warning: s2_group_size={group_size} is above the longest example ({longest} tokens), so "
+            "every row fits in one S² group: training is close to full attention and S²-Attn saves nothing. Lower "
+            "s2_group_size, or leave it unset so that s2_group_size_ratio sizes the groups of each batch.",
+            flush=True,
+        )
     return dataset
 
 
@@ -435,15 +798,20 @@ class TokensPerSecondCallback(TrainerCallback):
 
 
 __all__ = [
+    "CONVERSION_RECORD",
     "DataArguments",
     "LongLoRAArguments",
     "ModelArguments",
     "TokensPerSecondCallback",
     "build_dataset",
     "check_arguments",
+    "conversion_record",
     "data_collator",
+    "load_data",
     "load_model_and_tokenizer",
     "peft_config",
     "prepare_base",
+    "read_conversion_record",
+    "resume_checkpoint",
     "write_run_record",
 ]

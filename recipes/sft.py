@@ -14,8 +14,13 @@ python recipes/sft.py --config recipes/configs/tiny/longqa.yaml
 ```
 
 The YAML fills the dataclasses below and TRL's `SFTConfig`; command-line flags override it; unknown keys are
-errors. The logic lives in `longlora_hub/training.py`.
+errors. A mistake in the configuration, the data or a checkpoint stops the run before its first step with one line
+that names the fix (exit status 1). The logic lives in `longlora_hub/training.py`.
 """
+
+import argparse
+import difflib
+from pathlib import Path
 
 from accelerate import PartialState
 from trl import SFTConfig, SFTTrainer, TrlParser
@@ -28,6 +33,7 @@ from longlora_hub.training import (
     build_dataset,
     check_arguments,
     data_collator,
+    load_data,
     load_model_and_tokenizer,
     peft_config,
     prepare_base,
@@ -36,16 +42,22 @@ from longlora_hub.training import (
 
 
 def main(argv: list[str] | None = None) -> SFTTrainer:
-    parser = TrlParser((ModelArguments, LongLoRAArguments, DataArguments, SFTConfig))
+    return train(*prepare(argv))
+
+
+def prepare(argv: list[str] | None = None) -> tuple[SFTTrainer, Path, tuple]:
+    """Everything before the first step. A mistake of the user's raises `ValueError` or `OSError` naming the fix."""
+    parser = TrlParser((ModelArguments, LongLoRAArguments, DataArguments, SFTConfig), exit_on_error=False)
     model_args, ll_args, data_args, training_args = parse(parser, argv)
-    check_arguments(model_args, ll_args, data_args, training_args)
+    check_arguments(model_args, ll_args, data_args, training_args)  # also finds the checkpoint to resume from
     training_args.include_num_input_tokens_seen = True
 
     # the first process of each machine converts, the others then read its output (shared storage or not)
     with PartialState().local_main_process_first():
+        raw = load_data(data_args)  # first: a broken data file then costs seconds, not a conversion and a model load
         base = prepare_base(model_args, ll_args, training_args.output_dir, training_args.max_length)
         model, tokenizer = load_model_and_tokenizer(base, model_args, ll_args, data_args, training_args.max_length)
-        dataset = build_dataset(data_args, ll_args, tokenizer, training_args.max_length)
+        dataset = build_dataset(data_args, ll_args, tokenizer, training_args.max_length, raw)
 
     trainer = SFTTrainer(
         model=model,
@@ -56,6 +68,11 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
         peft_config=peft_config(ll_args),
         callbacks=[TokensPerSecondCallback()],
     )
+    return trainer, base, (model_args, ll_args, data_args, training_args)
+
+
+def train(trainer: SFTTrainer, base: Path, arguments: tuple) -> SFTTrainer:
+    model_args, ll_args, data_args, training_args = arguments
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.is_fsdp_enabled:  # a sharded state dict saves no adapter: gather the full one for the final save
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
@@ -67,15 +84,45 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
 
 
 def parse(parser: TrlParser, argv: list[str] | None):
-    """TRL's parser, with the valid keys listed when a YAML key is unknown."""
+    """TRL's parser, with the valid keys listed and the nearest one named when a YAML key or a flag is unknown."""
     try:
-        return parser.parse_args_and_config(argv)
-    except ValueError as error:
-        if "Unknown arguments" not in str(error):
-            raise
-        valid = sorted(action.dest for action in parser._actions if action.dest not in ("help", "config"))
-        raise SystemExit(f"{error}\nValid keys: {', '.join(valid)}") from None
+        *arguments, from_yaml, from_command_line = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except argparse.ArgumentError as error:  # a flag's value argparse cannot convert, e.g. `--lora_r 8.5`
+        raise SystemExit(f"{error}; see python recipes/sft.py --help.") from None
+    valid = sorted({action.dest for action in parser._actions} - {"help", "config"})
+    if from_yaml:  # TRL gives them back as flags: ["--lora_rank", "8"]
+        names = [key.removeprefix("--") for key in from_yaml[::2]]
+        raise SystemExit(_unknown(names, "key in the YAML", "", valid))
+    if from_command_line:
+        names = [item.lstrip("-").split("=")[0] for item in from_command_line if item.startswith("-")]
+        if not names:  # values that follow no flag, e.g. the YAML without --config in front of it
+            raise SystemExit(
+                f"Unexpected command-line values {from_command_line}: pass the YAML as --config FILE and every "
+                "setting as --key value."
+            )
+        raise SystemExit(_unknown(names, "command-line argument", "--", valid))
+    return arguments
+
+
+def _unknown(names: list[str], what: str, prefix: str, valid: list[str]) -> str:
+    """One line per unknown name, with the valid key nearest to it, then the valid keys."""
+    lines = []
+    for name in names:
+        name = name.replace("-", "_")
+        # a key the name extends first (lora_rank: lora_r), then the nearest by spelling; argparse itself takes a
+        # prefix of one key for that key
+        near = max((key for key in valid if name.startswith(key)), key=len, default=None)
+        near = near or next(iter(difflib.get_close_matches(name, valid, n=1)), None)
+        hint = f" (did you mean {prefix}{near}?)" if near else ""
+        lines.append(f"Unknown {what}: {prefix}{name}{hint}; remove it or correct its name.")
+    return "\n".join([*lines, f"Valid keys: {', '.join(valid)}"])
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        prepared = prepare()
+    except (ValueError, OSError) as error:  # the configuration's, the data's or a checkpoint's: the message says
+        raise SystemExit(f"error: {error}") from None  # what to change, a traceback would only bury it
+    train(*prepared)
