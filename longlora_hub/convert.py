@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
@@ -758,6 +759,14 @@ def convert_checkpoint(
         rope_type=rope_type,
         ceil=ceil,
     )
+    if group_size is not None and group_size > config.max_position_embeddings:
+        # accepted (a shorter context may be trained later with an explicit group), but S² would then do nothing
+        warnings.warn(
+            f"s2_group_size={group_size} is above the context of {config.max_position_embeddings} tokens: every "
+            "sequence fits in one group, so S²-Attn trains as full attention. Pass a smaller --group-size (the paper "
+            "uses a quarter of the training length) or leave it unset to use the ratio.",
+            stacklevel=2,
+        )
     files = _files_to_copy(base_folder)
     if not any(path.name.endswith((".safetensors", ".bin")) for path in files):
         raise FileNotFoundError(

@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -622,3 +623,12 @@ def test_cli_help_lists_the_options():
     for option in ("--context-length", "--group-size-ratio", "--group-size", "--rope-type", "--ceil"):
         assert option in result.output
     assert "linear|yarn|dynamic" in result.output
+
+
+def test_a_group_longer_than_the_context_warns(base, tmp_path):
+    """Accepted silently before: with every sequence in one group, S² would train as full attention."""
+    with pytest.warns(UserWarning, match=r"s2_group_size=4096 is above the context of 1024 tokens"):
+        convert_checkpoint(base, tmp_path / "wide", 1024, group_size=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_checkpoint(base, tmp_path / "fits", 1024, group_size=256)
