@@ -81,37 +81,46 @@ def remote_code_files() -> list[Path]:
     return sorted(path for path in REMOTE_CODE_DIR.glob("*.py") if path.name != "__init__.py")
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_json_object(
+    path: str | Path, missing: str, restore: str, error: type[Exception] = ValueError, what: str = ""
+) -> dict[str, Any]:
     r"""
-    The contents of a checkpoint's `config.json`, which must be a JSON object.
+    The contents of a JSON file that must hold one object (a config, an adapter config), with errors that name the
+    fix.
 
     Args:
-        path (`str` or `Path`):
-            The `config.json` file.
-
-    Returns:
-        `dict[str, Any]`: Its contents.
+        path (`str` or `Path`): The file.
+        missing (`str`): The message when the file does not exist.
+        restore (`str`): Where to restore it from, for the messages on bad contents (e.g. "the training run").
+        error (`type[Exception]`, *optional*, defaults to `ValueError`): What bad contents raise.
+        what (`str`, *optional*): What the object holds, for the message when it is not one.
 
     Raises:
-        `FileNotFoundError`: If there is no such file.
-        `ValueError`: If it is not valid JSON, or holds something other than an object (a list, a string, ...).
+        `FileNotFoundError`: With `missing`, if there is no such file.
+        `error`: If it is not valid JSON, or holds something other than an object (a list, a string, ...).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"No config.json in {path.parent}; pass the folder of a transformers checkpoint (the one with config.json "
-            "and the weights)."
-        )
+        raise FileNotFoundError(missing)
     try:
         found = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); restore it from the original checkpoint.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        raise error(f"{path} is not valid JSON ({problem}); restore it from {restore}.") from None
     if not isinstance(found, dict):
-        raise ValueError(
-            f"{path} holds a JSON {type(found).__name__}, not an object with the model's settings "
-            '({"model_type": ..., "hidden_size": ..., ...}); restore it from the original checkpoint.'
-        )
+        raise error(f"{path} holds a JSON {type(found).__name__}, not an object{what}; restore it from {restore}.")
     return found
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The contents of a checkpoint's `config.json`, which must be a JSON object (see [`read_json_object`])."""
+    path = Path(path)
+    return read_json_object(
+        path,
+        f"No config.json in {path.parent}; pass the folder of a transformers checkpoint (the one with config.json "
+        "and the weights).",
+        "the original checkpoint",
+        what=' with the model\'s settings ({"model_type": ..., "hidden_size": ..., ...})',
+    )
 
 
 def _check_s2_settings(group_size_ratio: float, group_size: int | None) -> None:
@@ -807,6 +816,7 @@ __all__ = [
     "create_staging",
     "finish_staging",
     "read_config_file",
+    "read_json_object",
     "read_provenance",
     "remote_code_files",
     "remove_stale_staging",

@@ -38,6 +38,7 @@ from .convert import (
     create_staging,
     finish_staging,
     read_config_file,
+    read_json_object,
     read_license,
     read_provenance,
     remote_code_files,
@@ -142,17 +143,13 @@ def load_adapter(folder: str | Path) -> Adapter:
     """
     folder = Path(folder).expanduser()
     config_path = folder / "adapter_config.json"
-    if not config_path.is_file():
-        hint = " (a trainer output keeps its final adapter at the top)" if any(folder.glob("checkpoint-*")) else ""
-        raise FileNotFoundError(f"No adapter_config.json in {folder}; pass a PEFT adapter folder{hint}.")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MergeError(f"{config_path} is not valid JSON ({error}); restore it from the training run.") from None
-    if not isinstance(config, dict):
-        raise MergeError(
-            f"{config_path} holds a JSON {type(config).__name__}, not an object; restore it from the training run."
-        )
+    hint = " (a trainer output keeps its final adapter at the top)" if any(folder.glob("checkpoint-*")) else ""
+    config = read_json_object(
+        config_path,
+        f"No adapter_config.json in {folder}; pass a PEFT adapter folder{hint}.",
+        "the training run",
+        error=MergeError,
+    )
     if config.get("peft_type") != "LORA":
         raise MergeError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA adapters can be merged.")
     if isinstance(config.get("lora_alpha"), bool) or not isinstance(config.get("lora_alpha"), int | float):

@@ -11,7 +11,6 @@ A checkpoint's own Python code runs only when it is this package's LlamaLongLoRA
 
 from __future__ import annotations
 
-import json
 import platform
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -108,21 +107,14 @@ def _is_repo_id(name: str) -> bool:
 
 
 def _read_adapter_config(folder: Path) -> dict[str, Any]:
-    path = folder / ADAPTER_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"No {ADAPTER_CONFIG} in {folder}; --adapter takes the folder of a PEFT adapter (the output of a "
-            "LongLoRA training run)."
-        )
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); restore it from the training run.") from None
-    if not isinstance(found, dict):
-        raise ValueError(
-            f"{path} holds a JSON {type(found).__name__}, not an object; restore it from the training run."
-        )
-    return found
+    from ..convert import read_json_object
+
+    return read_json_object(
+        folder / ADAPTER_CONFIG,
+        f"No {ADAPTER_CONFIG} in {folder}; --adapter takes the folder of a PEFT adapter (the output of a LongLoRA "
+        "training run).",
+        "the training run",
+    )
 
 
 def _check_model_exists(name: str, what: str) -> None:
