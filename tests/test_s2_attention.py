@@ -276,3 +276,12 @@ def test_flash_path_in_bfloat16_matches_the_reference(heads):
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=0)
     out.float().square().sum().backward()
     assert all(t.grad is not None and t.grad.isfinite().all() for t in low)
+
+
+def test_flex_attention_refuses_dropout_it_cannot_apply():
+    """flex_attention has no dropout: a model config with attention_dropout > 0 must not train without it silently
+    (eager, sdpa and flash apply it)."""
+    q, k, v = (t.detach() for t in qkv(1, 4, 4, 16))
+    layout = build_s2_layout(16, 1, 8)
+    with pytest.raises(ValueError, match="attention_dropout=0.1 cannot be applied with flex_attention"):
+        s2_attention(q, k, v, layout, SCALE, dropout=0.1, backend="flex_attention")

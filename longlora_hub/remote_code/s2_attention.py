@@ -780,6 +780,11 @@ def s2_attention(
     if query.shape[1] < 2:
         raise ValueError("S²-Attn shifts half of the heads: it needs at least 2 attention heads.")
     if backend == "flex_attention":
+        if dropout > 0:  # flex_attention has no dropout argument: refuse rather than silently train without it
+            raise ValueError(
+                f"attention_dropout={dropout} cannot be applied with flex_attention, which has no attention dropout: "
+                "set attention_dropout to 0 (LongLoRA trains with none) or use sdpa, eager or flash_attention_2."
+            )
         split = query.shape[1] - query.shape[1] // 2
         return _flex_attention(query, key, value, layout, split, scaling).transpose(1, 2)
 
