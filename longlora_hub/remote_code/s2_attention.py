@@ -650,12 +650,17 @@ def _binned_half(query, key, value, layout: S2Layout, offset: int, attend: Calla
 # flash-attention (varlen over the same runs) and FlexAttention (a head-dependent block mask)
 
 
-def _flash_half(query, key, value, layout: S2Layout, shifted: bool, scaling: float, dropout: float):
-    """q: (B, Hq, N, D). Returns (B, N, Hq, D), zero at padding. GPU only: transformers imports flash-attn here,
-    on first use, never when the model is loaded."""
+def _flash_varlen_func() -> Callable:
+    """flash-attn's `flash_attn_varlen_func`. GPU only: transformers imports flash-attn here, on first use, never
+    when the model is loaded. (The test suite swaps this for a pure-torch stand-in to run the path on CPU.)"""
     from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
 
-    flash_attn_varlen_func = lazy_import_flash_attention("flash_attention_2")[0][1]
+    return lazy_import_flash_attention("flash_attention_2")[0][1]
+
+
+def _flash_half(query, key, value, layout: S2Layout, shifted: bool, scaling: float, dropout: float):
+    """q: (B, Hq, N, D). Returns (B, N, Hq, D), zero at padding."""
+    flash_attn_varlen_func = _flash_varlen_func()
 
     half = layout.group_size // 2
     roll = shifted and layout.shift == "roll"
