@@ -2,6 +2,7 @@
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from longlora_hub.remote_code.configuration_llama_longlora import LlamaLongLoRAConfig
 from longlora_hub.remote_code.modeling_llama_longlora import LlamaLongLoRAForCausalLM
@@ -49,7 +50,7 @@ def reference_s2_attention(module, query, key, value, attention_mask, scaling=No
 
 AttentionInterface.register("s2_reference_test", reference_s2_attention)
 # the 2D padding mask (or None), as flash-attention gets it
-AttentionMaskInterface.register("s2_reference_test", AttentionMaskInterface._global_mapping["flash_attention_2"])
+AttentionMaskInterface.register("s2_reference_test", ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
 
 
 def grads(model):

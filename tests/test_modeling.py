@@ -1,5 +1,7 @@
 """LlamaLongLoRA against stock Llama (eval) and against the dense S² reference (training), end to end."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -134,29 +136,61 @@ def test_training_rejects_a_4d_mask():
         model(tokens(1, 8), attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
 
 
-def test_s2_works_for_other_architectures_through_attn_implementation():
-    """The S² function knows nothing about Llama: a Qwen2 model trains with attn_implementation="s2_sdpa"."""
+def qwen2_pair(**s2):
     shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     llama = tiny_llama_config()
-    config = Qwen2Config(**{key: getattr(llama, key) for key in shape}, num_key_value_heads=2)
-    config.s2_group_size = 6
+    config = Qwen2Config(**{key: getattr(llama, key) for key in shape}, num_key_value_heads=2, **s2)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    reference = Qwen2ForCausalLM(config)
+    model, reference = Qwen2ForCausalLM(config), Qwen2ForCausalLM(copy.deepcopy(config))
     reference.load_state_dict(model.state_dict())
+    return model, reference
+
+
+def test_s2_works_for_other_architectures_through_attn_implementation():
+    """The S² function knows nothing about Llama: a Qwen2 model trains with attn_implementation="s2_sdpa"."""
+    model, reference = qwen2_pair(s2_group_size=6)
     model.set_attn_implementation("s2_sdpa")
     reference.set_attn_implementation("s2_reference_test")
+    assert model.config._attn_implementation == "s2_sdpa"  # each model has its own config
     ids = tokens(2, 24)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     assert_same_training_step(model, reference, {"input_ids": ids, "attention_mask": mask})
     # evaluation is plain attention
-    plain = Qwen2ForCausalLM(config).eval()
+    plain = Qwen2ForCausalLM(copy.deepcopy(model.config)).eval()
     plain.load_state_dict(model.state_dict())
     plain.set_attn_implementation("sdpa")
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_other_architectures_build_the_s2_layout_once_per_forward(monkeypatch):
+    """Every layer of a forward gets the same mask and position_ids: the first builds the layout (host syncs,
+    bins, block masks), the others and gradient checkpointing's recomputation reuse it; a new batch, or a mask
+    changed in place, gets a new one."""
+    from longlora_hub.remote_code import s2_attention as s2_module
+
+    built = []
+    real_build = s2_module.build_s2_layout
+    monkeypatch.setattr(s2_module, "build_s2_layout", lambda *a, **k: built.append(a) or real_build(*a, **k))
+    model, reference = qwen2_pair(s2_group_size=6)
+    assert model.config.num_hidden_layers >= 2
+    model.set_attn_implementation("s2_sdpa")
+    reference.set_attn_implementation("s2_reference_test")
+    model.gradient_checkpointing_enable()
+    ids = tokens(2, 24)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    assert_same_training_step(model, reference, {"input_ids": ids, "attention_mask": mask})
+    assert len(built) == 1
+    model(ids, attention_mask=mask.clone())
+    assert len(built) == 2
+    mask[1, :5] = 0  # the same tensor, changed in place: its layout must not be reused
+    reference.zero_grad()
+    model.zero_grad()
+    assert_same_training_step(model, reference, {"input_ids": ids, "attention_mask": mask})
+    assert len(built) == 3
 
 
 def test_save_and_reload_keeps_everything(tmp_path):

@@ -285,3 +285,49 @@ def test_flex_attention_refuses_dropout_it_cannot_apply():
     layout = build_s2_layout(16, 1, 8)
     with pytest.raises(ValueError, match="attention_dropout=0.1 cannot be applied with flex_attention"):
         s2_attention(q, k, v, layout, SCALE, dropout=0.1, backend="flex_attention")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# devices: a model split with device_map, and SDPA's kernels on CUDA
+
+
+def test_a_layout_follows_the_layer_to_its_device():
+    """With `device_map` the layout is built on the first layer's device; a layer elsewhere gets a copy on its
+    own device, made once and reused (meta stands in for a second GPU)."""
+    pad = torch.ones(2, 12, dtype=torch.long)
+    pad[0, :3] = 0
+    layout = build_s2_layout(12, 2, 4, padding_mask=pad)
+    assert layout.on(torch.device("cpu")) is layout
+    moved = layout.on(torch.device("meta"))
+    assert moved is layout.on(torch.device("meta"))
+    assert {x.device.type for x in (moved.valid, moved.doc, moved.local)} == {"meta"}
+    assert (moved.group_size, moved.shift, moved.regular) == (layout.group_size, layout.shift, layout.regular)
+
+
+def test_s2_attention_runs_on_the_device_of_its_inputs(monkeypatch):
+    """`s2_attention` reads the layout on q's device, not the device it was built on."""
+    from longlora_hub.remote_code import s2_attention as s2_module
+
+    seen = []
+    real_on = s2_module.S2Layout.on
+    monkeypatch.setattr(s2_module.S2Layout, "on", lambda self, device: seen.append(device) or real_on(self, device))
+    q, k, v = qkv(1, 4, 2, 16)
+    s2_attention(q, k, v, build_s2_layout(16, 1, 4), SCALE, 0.0, "eager")
+    assert seen == [q.device]
+
+
+def test_sdpa_with_a_mask_repeats_key_value_heads_off_cpu():
+    """On CUDA, SDPA with both a mask and `enable_gqa` has no fused kernel: there the key/value heads are repeated
+    (as transformers' `use_gqa_in_sdpa` decides); without a mask, or on CPU, `enable_gqa` is kept."""
+    from longlora_hub.remote_code.s2_attention import _sdpa_key_value
+
+    for device in ("cpu", "meta"):
+        q, k, v = (torch.empty(2, heads, 8, 4, device=device) for heads in (4, 2, 2))
+        assert _sdpa_key_value(q, k, v, None) == (k, v, True)
+        mask = torch.ones(2, 1, 8, 8, dtype=torch.bool, device=device)
+        key, value, gqa = _sdpa_key_value(q, k, v, mask)
+        if device == "cpu":
+            assert (key, value, gqa) == (k, v, True)
+        else:
+            assert key.shape == value.shape == q.shape and not gqa
+        assert _sdpa_key_value(q, q, q, mask) == (q, q, False)

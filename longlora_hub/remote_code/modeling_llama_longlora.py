@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, apply_rotary_pos_emb
 
 from .configuration_llama_longlora import LlamaLongLoRAConfig
-from .s2_attention import S2_BACKENDS, build_s2_layout, s2_attention, s2_group_size
+from .s2_attention import S2_BACKENDS, build_s2_layout, flash_inputs, s2_attention, s2_group_size
 
 
 class LlamaLongLoRAAttention(LlamaAttention):
@@ -33,6 +33,8 @@ class LlamaLongLoRAAttention(LlamaAttention):
         # RoPE with the true positions, before grouping (the paper's order)
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         backend = self.config._attn_implementation
+        if backend == "flash_attention_2":
+            query, key, value = flash_inputs(self, query, key, value)
         out = s2_attention(
             query, key, value, layout, self.scaling, self.attention_dropout if self.training else 0.0, backend
         )  # (B, N, Hq, D)

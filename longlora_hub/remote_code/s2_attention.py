@@ -19,8 +19,8 @@ alone with the same G.
 
 Nothing here is Llama-specific: :func:`s2_attention_forward` has the transformers attention-function
 signature and is registered in ``AttentionInterface`` as ``s2_eager``, ``s2_sdpa``, ``s2_flex_attention``
-and ``s2_flash_attention_2`` so that any model using ``ALL_ATTENTION_FUNCTIONS`` (Mistral, Qwen2, ...)
-can train with it through ``attn_implementation``. It reads its settings from ``module.config``
+and ``s2_fa2`` (flash-attn 2; see `S2_ATTENTION_NAMES`) so that any model using ``ALL_ATTENTION_FUNCTIONS``
+(Mistral, Qwen2, ...) can train with it through ``attn_implementation``. It reads its settings from ``module.config``
 (``s2_group_size``, ``s2_group_size_ratio``, ``s2_shift``, ``s2_attention``) with the paper's defaults.
 
 This file is shipped as remote code: it imports only the standard library, torch and transformers.
@@ -28,6 +28,7 @@ No N x N mask is ever built here: masks are at most (N / G + 1) x G x G. On CPU 
 rows go through `_S2FlashCPU`, which holds one output and one gradient per input instead of per-group copies.
 """
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,9 +38,19 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 S2_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
 S2_SHIFTS = ("segments", "roll", "none")
+# The `attn_implementation` names of S² for any model. Not "s2_flash_attention_2": transformers takes every name
+# containing "flash" for a flash-attn kernel to import by that name, and refuses it.
+S2_ATTENTION_NAMES = {
+    "eager": "s2_eager",
+    "sdpa": "s2_sdpa",
+    "flex_attention": "s2_flex_attention",
+    "flash_attention_2": "s2_fa2",
+}
 
 
 def s2_group_size(seq_len: int, group_size: int | None = None, ratio: float = 0.25) -> int:
@@ -84,6 +95,18 @@ class S2Layout:
         if key not in self._derived:
             self._derived[key] = build()
         return self._derived[key]
+
+    def on(self, device: torch.device) -> "S2Layout":
+        """This layout on `device`, copied once and reused: a model split over GPUs (`device_map`) runs its layers
+        on several devices, and each layer's structures must live on its own."""
+        if self.valid.device == device:
+            return self
+
+        def copy():
+            moved = (x.to(device) for x in (self.valid, self.doc, self.local))
+            return S2Layout(self.group_size, self.shift, self.regular, *moved)
+
+        return self.cached(f"on/{device}", copy)
 
 
 def build_s2_layout(
@@ -156,20 +179,54 @@ def build_s2_layout(
     return S2Layout(group_size, shift, False, valid, doc, local)
 
 
+# The layouts of recent forwards, for models that do not hand one to their attention layers: every layer of one
+# forward is given the same attention mask and position_ids tensors, so the first layer builds the layout and the
+# others (and gradient checkpointing's recomputation) reuse it. An entry holds weak references to those tensors
+# and their version counters, so it never matches a later forward's new tensors, nor a tensor changed in place.
+_RECENT_LAYOUTS: dict[tuple, tuple[tuple, S2Layout]] = {}
+_MAX_RECENT_LAYOUTS = 4  # models with several mask types (sliding and full layers) keep one entry per type
+
+
+def _version_of(tensor: torch.Tensor | None) -> int | None:
+    """The tensor's in-place version counter (None for None, and for inference tensors, which keep none)."""
+    try:
+        return None if tensor is None else tensor._version
+    except RuntimeError:
+        return None
+
+
 def s2_layout_for(module: torch.nn.Module, query: torch.Tensor, attention_mask, kwargs: dict) -> S2Layout:
-    """Build the layout inside an attention call, for models that do not pass a precomputed `s2_layout`."""
+    """The layout of the forward in progress, inside an attention call, for models that do not pass a
+    precomputed `s2_layout`: built by the first layer, reused by the others."""
     config = module.config
     batch, _, seq_len, _ = query.shape
     group = s2_group_size(seq_len, getattr(config, "s2_group_size", None), getattr(config, "s2_group_size_ratio", 0.25))
-    return build_s2_layout(
+    shift = getattr(config, "s2_shift", "segments")
+    position_ids = kwargs.get("position_ids")
+    anchors = tuple(x if isinstance(x, torch.Tensor) else None for x in (attention_mask, position_ids))
+    key = (batch, seq_len, group, shift, query.device, *(id(x) for x in anchors))
+    stamp = tuple(_version_of(x) for x in anchors)
+    entry = _RECENT_LAYOUTS.get(key)
+    if entry is not None:
+        refs, versions, layout = entry
+        # the ids in the key are those of live tensors only if the weak references still point at them
+        if versions == stamp and all(ref is None or ref() is x for ref, x in zip(refs, anchors, strict=True)):
+            return layout
+    layout = build_s2_layout(
         seq_len,
         batch,
         group,
-        getattr(config, "s2_shift", "segments"),
+        shift,
         padding_mask=_padding_from_mask(attention_mask, seq_len),
-        position_ids=kwargs.get("position_ids"),
+        position_ids=position_ids,
         device=query.device,
     )
+    for old in [k for k, (refs, _, _) in _RECENT_LAYOUTS.items() if any(r is not None and r() is None for r in refs)]:
+        del _RECENT_LAYOUTS[old]  # their forward is over: its tensors are gone
+    while len(_RECENT_LAYOUTS) >= _MAX_RECENT_LAYOUTS:
+        del _RECENT_LAYOUTS[next(iter(_RECENT_LAYOUTS))]
+    _RECENT_LAYOUTS[key] = (tuple(None if x is None else weakref.ref(x) for x in anchors), stamp, layout)
+    return layout
 
 
 def _padding_from_mask(attention_mask, seq_len: int) -> torch.Tensor | None:
@@ -210,6 +267,18 @@ def _causal_bias(layout: S2Layout, length: int, dtype: torch.dtype, device: torc
     return layout.cached(f"causal_bias/{dtype}/{device}", build)[:length, :length]
 
 
+def _sdpa_key_value(query, key, value, mask) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Key/value for SDPA, and whether to pass `enable_gqa`. On CUDA, SDPA with both a mask and `enable_gqa` has no
+    fused kernel and falls to the math one (full scores): there the key/value heads are repeated instead, as
+    transformers does (`use_gqa_in_sdpa`). CPU kernels take both."""
+    if query.shape[1] == key.shape[1]:
+        return key, value, False
+    if mask is None or query.device.type == "cpu":
+        return key, value, True
+    n_rep = query.shape[1] // key.shape[1]
+    return key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1), False
+
+
 def _attend(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -223,6 +292,7 @@ def _attend(
     """Causal attention over groups. q: (b, Hq, L, D), k/v: (b, Hk, L, D), any strides; `mask`: (b, 1, L, L)
     bool or None for plain causal. Returns (b, Hq, L, D)."""
     if backend == "sdpa":
+        key, value, enable_gqa = _sdpa_key_value(query, key, value, mask)
         return F.scaled_dot_product_attention(
             query,
             key,
@@ -231,7 +301,7 @@ def _attend(
             dropout_p=dropout,
             is_causal=mask is None,
             scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1],
+            enable_gqa=enable_gqa,
         )
     # eager: the same maths spelled out, fp32 softmax like transformers' eager path
     n_rep = query.shape[1] // key.shape[1]
@@ -650,6 +720,34 @@ def _binned_half(query, key, value, layout: S2Layout, offset: int, attend: Calla
 # flash-attention (varlen over the same runs) and FlexAttention (a head-dependent block mask)
 
 
+_FLASH_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def flash_inputs(module: torch.nn.Module, query, key, value) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q/k/v as flash-attn takes them: one dtype, fp16 or bf16.
+
+    Under autocast with fp32 weights (`Trainer(bf16=True)` on a float32 model), RoPE hands over fp32 q/k next to
+    a bf16 v; fp32 norms (PEFT) make fp32 inputs in a bf16 model. They are cast as transformers casts them
+    (`get_target_dtype`): to the autocast dtype, else a quantized model's compute dtype, else the layer's weights'."""
+    dtypes = {x.dtype for x in (query, key, value)}
+    if len(dtypes) == 1 and dtypes <= set(_FLASH_KERNEL_DTYPES):
+        return query, key, value
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        target = torch.get_autocast_dtype(device_type)
+    elif hasattr(module.config, "_is_quantized"):
+        target = module.config.dtype
+    else:
+        target = next(layer for layer in module.modules() if isinstance(layer, torch.nn.Linear)).weight.dtype
+    if target not in _FLASH_KERNEL_DTYPES:
+        raise ValueError(
+            f"flash_attention_2 runs in float16 or bfloat16 only, but the attention inputs are "
+            f"{sorted(map(str, dtypes))} and the model computes in {target}: load the model with "
+            "dtype=torch.bfloat16, or train under autocast (bf16=True in the training arguments)."
+        )
+    return query.to(target), key.to(target), value.to(target)
+
+
 def _flash_varlen_func() -> Callable:
     """flash-attn's `flash_attn_varlen_func`. GPU only: transformers imports flash-attn here, on first use, never
     when the model is loaded. (The test suite swaps this for a pure-torch stand-in to run the path on CPU.)"""
@@ -667,13 +765,18 @@ def _flash_half(query, key, value, layout: S2Layout, shifted: bool, scaling: flo
     if roll:  # the paper's roll on regular rows: the rolled row is then split in plain groups
         query, key, value = (x.roll(-half, dims=2) for x in (query, key, value))
     offset = half if shifted and not roll else 0
-    token_index, lengths = layout.cached(f"runs{offset}", partial(_segments, layout, offset))
-    cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))  # (S+1,)
-    max_len = layout.cached(f"max{offset}", lambda: int(lengths.max()))
     batch, heads, seq_len, dim = query.shape
+    if layout.regular:  # every token is real: the runs are the plan's groups, known on the host, no gather
+        cu_seqlens, max_len = layout.cached(f"regular_runs{offset}", partial(_regular_runs, layout, offset, roll))
+        token_index = None
+    else:
+        token_index, lengths = layout.cached(f"runs{offset}", partial(_segments, layout, offset))
+        cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))  # (S+1,)
+        max_len = layout.cached(f"max{offset}", lambda: int(lengths.max()))
 
-    def flat(x):  # (B, H, N, D) -> (T, H, D)
-        return x.transpose(1, 2).reshape(batch * seq_len, x.shape[1], dim)[token_index]
+    def flat(x):  # (B, H, N, D) -> (T, H, D): a view of the model's (B, N, H, D) layout when every token is real
+        tokens = x.transpose(1, 2).reshape(batch * seq_len, x.shape[1], dim)
+        return tokens if token_index is None else tokens[token_index]
 
     out = flash_attn_varlen_func(
         flat(query),
@@ -687,37 +790,114 @@ def _flash_half(query, key, value, layout: S2Layout, shifted: bool, scaling: flo
         softmax_scale=scaling,
         causal=True,
     )  # (T, Hq, D)
-    full = out.new_zeros(batch * seq_len, heads, dim).index_copy(0, token_index, out)  # (B*N, Hq, D)
-    full = full.view(batch, seq_len, heads, dim)  # (B, N, Hq, D)
+    if token_index is not None:
+        out = out.new_zeros(batch * seq_len, heads, dim).index_copy(0, token_index, out)  # (B*N, Hq, D)
+    full = out.view(batch, seq_len, heads, dim)  # (B, N, Hq, D)
     return full.roll(half, dims=1) if roll else full
 
 
+def _regular_runs(layout: S2Layout, offset: int, rolled: bool) -> tuple[torch.Tensor, int]:
+    """`cu_seqlens` (int32, on the layout's device) and the longest run of regular rows, from the plan alone: the
+    groups of every row in turn. `rolled`: the row was rolled by -G/2, so it is cut in plain groups."""
+    plan = _plan(layout.seq_len, layout.group_size, offset > 0 and not rolled, layout.shift)
+    lengths = [end - start for ranges in plan for start, end in ranges] * layout.batch_size
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    return torch.tensor(bounds, dtype=torch.int32, device=layout.valid.device), max(lengths)
+
+
 _compiled_flex = None
+_FLEX_BLOCK = 128  # torch's default sparse block size (queries and keys)
+# the block mask is read off the dense mask in chunks of query rows, at most this many mask entries at a time
+_FLEX_CHUNK_ELEMENTS = 1 << 26
 
 
-def _flex_block_mask(layout: S2Layout, num_heads: int, split: int):
-    from torch.nn.attention.flex_attention import create_block_mask
+def _flex_length(seq_len: int) -> int:
+    """The length the flex kernel runs at: N rounded up to the next of 128 x (1, 1.5, 2, 3, 4, 6, ...). The kernel
+    is compiled for static shapes, once per length; LongQA batches come in every length, and past dynamo's
+    recompile limit flex falls back to an unfused path that builds N x N scores. With these buckets a run
+    compiles at most two shapes per doubling of N, at the cost of at most half of N in padding (whose blocks are
+    skipped but for their diagonal)."""
+    size = _FLEX_BLOCK
+    while True:
+        if seq_len <= size:
+            return size
+        if seq_len <= size * 3 // 2:
+            return size * 3 // 2
+        size *= 2
 
+
+def _flex_rules(layout: S2Layout, length: int):
+    """The S² mask over a row padded to `length` >= N, as a function `allowed(s, b, q, kv)` of the half of the
+    heads `s` (0 unshifted, 1 shifted), the row and the query and key positions. Tensors broadcast, so the same
+    rule serves the kernel's `mask_mod` (scalars) and the block mask's construction (blocks of positions). The
+    positions past N are padding: each attends to itself only."""
     n, group, half = layout.seq_len, layout.group_size, layout.group_size // 2
-    index = torch.arange(n, device=layout.valid.device).expand(layout.batch_size, n)  # (B, N)
+    index = torch.arange(length, device=layout.valid.device).expand(layout.batch_size, length)  # (B, L)
+    valid, doc, local = (F.pad(x, (0, length - n)) for x in (layout.valid, layout.doc, layout.local))  # (B, L)
     if layout.shift == "roll":
-        rolled = (index - half) % n  # where each token sits after the roll by -G/2
-        order = torch.stack([index, rolled])  # (2, B, N): causal order per half
-        groups = torch.stack([index // group, rolled // group])  # (2, B, N)
+        # where each token sits after the roll by -G/2 (of the N real positions; the tail stays where it is)
+        rolled = torch.where(index < n, (index - half) % n, index)
+        order = torch.stack([index, rolled])  # (2, B, L): causal order per half
+        groups = torch.stack([index // group, rolled // group])  # (2, B, L)
     else:
         shift_by = 0 if layout.shift == "none" else half
-        order = torch.stack([index, index])  # (2, B, N)
-        groups = torch.stack([layout.local // group, (layout.local + shift_by) // group])  # (2, B, N)
-    valid, doc = layout.valid, layout.doc
+        order = torch.stack([index, index])  # (2, B, L)
+        groups = torch.stack([local // group, (local + shift_by) // group])  # (2, B, L)
+
+    def allowed(s, b, q, kv):
+        ok = (groups[s, b, q] == groups[s, b, kv]) & (order[s, b, kv] <= order[s, b, q])
+        ok = ok & (doc[b, q] == doc[b, kv]) & valid[b, kv] & valid[b, q]
+        return ok | ((q == kv) & ~valid[b, q])  # padding attends to itself only: no empty rows
+
+    return allowed
+
+
+def _ordered_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., Qb, KVb) bool -> the number of True key blocks per query block (..., Qb) and their indices first
+    (..., Qb, KVb), both int32: the layout `BlockMask.from_kv_blocks` takes."""
+    count = blocks.sum(-1, dtype=torch.int32)
+    order = torch.argsort(blocks.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return count, order
+
+
+def _flex_block_mask(layout: S2Layout, num_heads: int, split: int, length: int) -> BlockMask:
+    """The FlexAttention block mask of S² for `num_heads` heads, the first `split` unshifted, over rows padded to
+    `length` (see `_flex_length`).
+
+    Built without `create_block_mask`, which materialises the whole (B, H, N, N) mask at once (or is compiled anew
+    for each shape): the mask is evaluated per half of the heads only (every head of a half shares it), per row
+    (one row stands for all when rows are regular), and in chunks of query rows, each reduced at once to its
+    blocks. Keys after a chunk's last query are never visited except under the roll, whose last group wraps."""
+    allowed = _flex_rules(layout, length)
+    n, block, device = length, _FLEX_BLOCK, layout.valid.device
+    n_blocks = -(-n // block)
+    rows = 1 if layout.regular else layout.batch_size  # regular rows share one mask, broadcast over the batch
+    halves = torch.arange(2, device=device)[:, None, None]  # (2, 1, 1)
+    chunk = max(1, _FLEX_CHUNK_ELEMENTS // (2 * n_blocks * block * block))  # query blocks per chunk
+    any_block = torch.zeros(rows, 2, n_blocks, n_blocks, dtype=torch.bool, device=device)
+    all_block = torch.zeros_like(any_block)
+    for row in range(rows):
+        for first in range(0, n_blocks, chunk):
+            last = min(first + chunk, n_blocks)
+            kv_blocks = n_blocks if layout.shift == "roll" else last
+            q = torch.arange(first * block, last * block, device=device)[None, :, None]  # (1, c, 1)
+            kv = torch.arange(kv_blocks * block, device=device)[None, None, :]  # (1, 1, K)
+            inside = (q < n) & (kv < n)  # positions past N (the last block's tail) are never allowed
+            mask = allowed(halves, row, q.clamp(max=n - 1), kv.clamp(max=n - 1)) & inside  # (2, c, K)
+            mask = mask.view(2, last - first, block, kv_blocks, block)
+            any_block[row, :, first:last, :kv_blocks] = mask.any(4).any(2)
+            all_block[row, :, first:last, :kv_blocks] = mask.all(4).all(2)
+    half_of_head = (torch.arange(num_heads, device=device) >= split).long()  # (H,)
+    partial = (any_block & ~all_block).index_select(1, half_of_head)  # (rows, H, Qb, KVb)
+    full = all_block.index_select(1, half_of_head)  # (rows, H, Qb, KVb)
 
     def mask_mod(b, h, q, kv):
-        s = (h >= split).long()  # 0: unshifted head, 1: shifted head
-        allowed = (groups[s, b, q] == groups[s, b, kv]) & (order[s, b, kv] <= order[s, b, q])
-        allowed = allowed & (doc[b, q] == doc[b, kv]) & valid[b, kv] & valid[b, q]
-        return allowed | ((q == kv) & ~valid[b, q])  # padding attends to itself only: no empty rows
+        return allowed((h >= split).long(), b, q, kv)
 
-    return create_block_mask(
-        mask_mod, layout.batch_size, num_heads, n, n, device=layout.valid.device, _compile=n > 1024
+    return BlockMask.from_kv_blocks(
+        *_ordered_blocks(partial), *_ordered_blocks(full), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(n, n)
     )
 
 
@@ -726,13 +906,17 @@ def _flex_attention(query, key, value, layout: S2Layout, split: int, scaling: fl
     from torch.nn.attention.flex_attention import flex_attention
 
     if _compiled_flex is None:
+        # static shapes, one per bucket of `_flex_length` (dynamic shapes fail to compile on CPU, torch 2.13)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    heads = query.shape[1]
-    block_mask = layout.cached(f"flex{heads}/{split}", partial(_flex_block_mask, layout, heads, split))
+    heads, seq_len = query.shape[1], query.shape[2]
+    length = _flex_length(seq_len)
+    block_mask = layout.cached(f"flex{heads}/{split}/{length}", partial(_flex_block_mask, layout, heads, split, length))
+    if length > seq_len:
+        query, key, value = (F.pad(x, (0, 0, 0, length - seq_len)) for x in (query, key, value))  # (B, H, L, D)
     out = _compiled_flex(
         query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )  # (B, Hq, N, D)
-    return out * layout.valid[:, None, :, None]
+    )  # (B, Hq, L, D)
+    return out[:, :, :seq_len] * layout.valid[:, None, :, None]  # (B, Hq, N, D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -784,6 +968,7 @@ def s2_attention(
         raise ValueError(f"S²-Attn supports the backends {S2_BACKENDS}, got {backend!r}.")
     if query.shape[1] < 2:
         raise ValueError("S²-Attn shifts half of the heads: it needs at least 2 attention heads.")
+    layout = layout.on(query.device)
     if backend == "flex_attention":
         if dropout > 0:  # flex_attention has no dropout argument: refuse rather than silently train without it
             raise ValueError(
@@ -846,6 +1031,8 @@ def s2_attention_forward(
         scaling = query.shape[-1] ** -0.5
     if s2_layout is None:
         s2_layout = s2_layout_for(module, query, attention_mask, kwargs)
+    if backend == "flash_attention_2":
+        query, key, value = flash_inputs(module, query, key, value)
     return s2_attention(query, key, value, s2_layout, scaling, dropout, backend), None
 
 
@@ -864,21 +1051,35 @@ def _base_attention(module, query, key, value, attention_mask, scaling, dropout,
             attention_mask=attention_mask,
             device=query.device,
         )
-    base = AttentionInterface._global_mapping.get(backend)
-    if base is None:  # eager is not in the registry: each modeling file has its own, all alike
+    if backend == "eager":  # eager is not in the registry: each modeling file has its own, all alike
         from transformers.models.llama.modeling_llama import eager_attention_forward as base
+    else:
+        base = ALL_ATTENTION_FUNCTIONS[backend]
+    if backend == "flash_attention_2":  # transformers' flash function imports the kernel its config names
+        module = _SeenAs(module, _SeenAs(module.config, None, _attn_implementation=backend))
     return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
+class _SeenAs:
+    """An object as a transformers function sees it: every attribute is the object's, except the ones given
+    (`config=` for a module, `_attn_implementation=` for a config). Nothing of the original is changed."""
+
+    def __init__(self, target, config=None, **overrides):
+        self._target = target
+        self.__dict__.update(overrides if config is None else {"config": config, **overrides})
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+
 def _register() -> None:
-    """Expose S² for any model: `attn_implementation="s2_sdpa"` (or s2_eager, s2_flex_attention,
-    s2_flash_attention_2). Masks are the base backend's, so evaluation is unchanged; FlexAttention gets the
-    2D padding mask instead of a block mask, since S² needs to know the padding."""
-    masks = AttentionMaskInterface._global_mapping
-    for backend in S2_BACKENDS:
-        AttentionInterface.register(f"s2_{backend}", partial(s2_attention_forward, backend=backend))
+    """Expose S² for any model: `attn_implementation="s2_sdpa"` (or s2_eager, s2_flex_attention, s2_fa2).
+    Masks are the base backend's, so evaluation is unchanged; FlexAttention gets the 2D padding mask instead of a
+    block mask, since S² needs to know the padding."""
+    for backend, name in S2_ATTENTION_NAMES.items():
+        AttentionInterface.register(name, partial(s2_attention_forward, backend=backend))
         mask_backend = "flash_attention_2" if backend == "flex_attention" else backend
-        AttentionMaskInterface.register(f"s2_{backend}", masks[mask_backend])
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_backend])
 
 
 _register()
