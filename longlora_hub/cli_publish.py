@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
-import re
+from typing import Any
 
 import click
 
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+class ShardSize(click.ParamType):
+    """A shard size: a number of bytes or a size such as 5GB, 500MB or 2GiB, read as huggingface_hub and
+    transformers read `max_shard_size` (see `longlora_hub.shards.parse_size`). A bad value is click's usage error,
+    naming the option."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from .shards import parse_size  # imports torch: only when a merge runs, so `--help` stays instant
+
+        try:
+            return parse_size(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+SHARD_SIZE = ShardSize()
 
 
 def parse_size(text: str) -> int:
-    """'5GB', '500MiB' or a number of bytes, as transformers' `max_shard_size` accepts them."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes.")
-    return int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
+    """'5GB', '500MiB' or a number of bytes, as transformers' `max_shard_size` accepts them; raises click's
+    `BadParameter` for anything else."""
+    return SHARD_SIZE.convert(text, None, None)
 
 
 @click.command("merge")
@@ -35,9 +50,15 @@ def parse_size(text: str) -> int:
     default=None,
     help="dtype of the merged weights; default: the base's.",
 )
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB or 500MB.")
+@click.option(
+    "--max-shard-size",
+    type=SHARD_SIZE,
+    default=None,
+    help="Largest output shard: bytes, or e.g. 500MB, 5GB, 2GiB (KB/MB/GB are powers of 10); default: 5GB, like "
+    "huggingface_hub and the Hub.",
+)
 def merge_command(
-    adapter: str, output: str, base: str | None, architecture: str, dtype: str | None, max_shard_size: str
+    adapter: str, output: str, base: str | None, architecture: str, dtype: str | None, max_shard_size: int | None
 ) -> None:
     """Merge the LoRA ADAPTER (with its trained embeddings and norms) into its base and write OUTPUT.
 
@@ -46,16 +67,11 @@ def merge_command(
     from .convert import sigterm_as_exit
     from .merge import merge_adapter
 
+    # without the flag the Python API's default applies: one default shard size, defined once (shards.py)
+    sizing = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     try:
         with sigterm_as_exit():  # `kill` or a scheduler's cancel then removes the half-written output too
-            folder = merge_adapter(
-                adapter,
-                output,
-                base=base,
-                architecture=architecture,
-                dtype=dtype,
-                max_shard_size=parse_size(max_shard_size),
-            )
+            folder = merge_adapter(adapter, output, base=base, architecture=architecture, dtype=dtype, **sizing)
     except (ValueError, OSError) as error:  # MergeError is a ValueError; FileNotFoundError an OSError
         raise click.ClickException(str(error)) from error
     click.echo(f"Merged {adapter} -> {folder} ({architecture})")
@@ -153,4 +169,4 @@ def push_command(
         )
 
 
-__all__ = ["merge_command", "parse_size", "push_command"]
+__all__ = ["SHARD_SIZE", "ShardSize", "merge_command", "parse_size", "push_command"]

@@ -5,11 +5,13 @@ The base's safetensors files are read one tensor at a time (`readinto`, no memor
 replaces the base's tensor, and the result is cast and appended to the output shard at once. Peak memory is the
 adapter plus about one tensor (the largest, in fp32), whatever the model's size: a 70B merge fits a workstation.
 
-The output is a complete checkpoint: safetensors shards (with an index when there are several), `config.json`
-with the base's RoPE (Position Interpolation in `rope_parameters` and the legacy `rope_scaling`/`rope_theta`), the
-tokenizer and generation config, and either the LlamaLongLoRA remote code (`architecture="llama_longlora"`: S²
-training can continue) or a stock Llama config (`architecture="llama"`: any engine loads it without
-`trust_remote_code`; inference uses standard attention either way).
+The output is a complete checkpoint: safetensors files planned by huggingface_hub as `save_pretrained` plans them
+(`model.safetensors`, or `model-00001-of-0000N.safetensors` and `model.safetensors.index.json`), `config.json` with
+the base's RoPE (Position Interpolation in `rope_parameters` and the legacy `rope_scaling`/`rope_theta`) and its
+`dtype` also as `torch_dtype` (what transformers 4.x and other engines read), the tokenizer and generation config,
+and either the LlamaLongLoRA remote code (`architecture="llama_longlora"`: S² training can continue) or a stock Llama
+config (`architecture="llama"`: any engine loads it without `trust_remote_code`; inference uses standard attention
+either way).
 
 A tied base (`tie_word_embeddings`, no `lm_head.weight` in its files, like SmolLM2 or Llama-3.2-1B) whose embedding or
 `lm_head` the adapter changes comes out untied: PEFT applies the change to that layer alone, so the merge writes
@@ -19,13 +21,14 @@ A tied base (`tie_word_embeddings`, no `lm_head.weight` in its files, like SmolL
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,7 +48,20 @@ from .convert import (
     resolve_checkpoint,
 )
 from .rope import legacy_rope_fields, read_rope
-from .shards import ShardWriter, TensorEntry, read_header, read_tensor, tensor_nbytes
+from .shards import (
+    DEFAULT_MAX_SHARD_SIZE,
+    SAFETENSORS_INDEX,
+    ShardWriter,
+    TensorEntry,
+    parse_size,
+    plan_shards,
+    read_header,
+    read_tensor,
+    write_index,
+)
+
+if TYPE_CHECKING:
+    from huggingface_hub import StateDictSplit
 
 ARCHITECTURES = ("llama_longlora", "llama")
 RUN_RECORD_KEYS = (
@@ -60,14 +76,96 @@ RUN_RECORD_KEYS = (
     "training",
 )
 DTYPE_CHOICES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3  # the Hub's recommendation: files a browser and git-lfs handle well
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 INPUT_EMBEDDING = "model.embed_tokens.weight"
 OUTPUT_EMBEDDING = "lm_head.weight"  # absent from a tied base's files: transformers ties it to the input embedding
 # config keys that only LlamaLongLoRA understands; a stock Llama config must not carry them
 LONGLORA_CONFIG_KEYS = ("auto_map", "s2_attention", "s2_group_size_ratio", "s2_group_size", "s2_shift")
+
+# What the merge does with every field of an `adapter_config.json` (PEFT 0.21's `LoraConfig` and `PeftConfig`). It is
+# an allowlist: a field named nowhere here (a newer PEFT's) passes only at its default, so a setting that changes what
+# the adapter computes is refused, never merged as if it were plain LoRA.
+MERGE_IRRELEVANT_FIELDS = frozenset(
+    {
+        # bookkeeping (the base's name and revision are read, as defaults for --base)
+        "task_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "runtime_config",
+        # which modules carry LoRA, at what rank, and what was trained in full: the adapter's tensors say it, and
+        # every one is checked against the base's tensors
+        "r",
+        "rank_pattern",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "modules_to_save",
+        "ensure_weight_tying",
+        # training only: dropout, and VeLoRA (a lighter backward pass; its forward is plain LoRA, its buffer is
+        # skipped)
+        "lora_dropout",
+        "velora_config",
+        # how the factors started; the trained factors are what they are (the inits that change the base weights
+        # are refused through `init_lora_weights`)
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        # PEFT turns fan_in_fan_out off for every nn.Linear (and embeddings ignore it): a Llama has no Conv1D layer
+        "fan_in_fan_out",
+        "qalora_group_size",  # read only with use_qalora, refused below
+        "megatron_core",  # read only with megatron_config, refused below
+    }
+)
+MERGE_WITH_PEFT = "merge it with PEFT's `merge_and_unload()` instead"
+# fields the merge refuses unless they are unset (absent, null, false or empty): why, and what to do instead
+REFUSED_FIELDS = {
+    "use_dora": ("DoRA rescales every adapted weight by a trained magnitude", MERGE_WITH_PEFT),
+    "lora_bias": ("its LoRA B matrices carry biases, which a Llama projection does not have", MERGE_WITH_PEFT),
+    "trainable_token_indices": (
+        "it trains single rows of the embedding, which this merge does not read",
+        MERGE_WITH_PEFT,
+    ),
+    "alora_invocation_tokens": (
+        "Activated LoRA acts only from its invocation tokens on, which no merged weight can do",
+        "serve the adapter unmerged (PEFT, vLLM)",
+    ),
+    "use_qalora": ("QALoRA's A matrix reads group-pooled inputs of a GPTQ-quantised layer", MERGE_WITH_PEFT),
+    "monteclora_config": ("MonteCLoRA samples its factors around trained means", MERGE_WITH_PEFT),
+    "use_bdlora": (
+        "BD-LoRA stores block-diagonal factors, not the plain A and B this merge multiplies",
+        MERGE_WITH_PEFT,
+    ),
+    "arrow_config": (
+        "Arrow routes each token among several LoRA experts, which no merged weight can do",
+        "serve the adapters unmerged",
+    ),
+    "kasa_config": ("KaSA truncates the base weights and puts a trained diagonal between A and B", MERGE_WITH_PEFT),
+    "layer_replication": (
+        "the adapted model repeats base layers, so it has more layers than the base",
+        MERGE_WITH_PEFT,
+    ),
+    "target_parameters": (
+        "it adapts bare parameters (MoE experts), not the Llama projections this merge reads",
+        MERGE_WITH_PEFT,
+    ),
+    "megatron_config": (
+        "it adapts Megatron's parallel layers, whose tensors are not laid out like a Hugging Face Llama's",
+        "merge it in Megatron with PEFT's `merge_and_unload()`",
+    ),
+}
+# `init_lora_weights` values that start LoRA's factors and leave the base alone
+PLAIN_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+# inits that change the base weights: PEFT recomputes the change whenever it loads the adapter
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga")
+LORA_BIAS_MODES = ("none", "all", "lora_only")  # biases trained as well are in the adapter's tensors
+# fields checked for the values a plain merge supports, one by one (in `_check_adapter_config`)
+CHECKED_FIELDS = frozenset({"peft_type", "lora_alpha", "alpha_pattern", "use_rslora", "bias", "init_lora_weights"})
 
 
 class MergeError(ValueError):
@@ -76,7 +174,7 @@ class MergeError(ValueError):
 
 @dataclass
 class LoraDelta:
-    """One LoRA pair: the base weight gains `scale * B @ A` (transposed for embeddings and fan-in-fan-out)."""
+    """One LoRA pair: the base weight gains `scale * B @ A` (transposed for embeddings)."""
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
@@ -109,12 +207,105 @@ class Adapter:
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's `rank_pattern`/`alpha_pattern` lookup: a key matches a module name exactly, as a suffix after a dot,
-    or as a regular expression over the name."""
+    """PEFT's `rank_pattern`/`alpha_pattern` lookup (`peft.utils.other.get_pattern_key`): the first key that, as a
+    regular expression, matches the module's name or a dotted suffix of it."""
     for pattern, value in patterns.items():
-        if module == pattern or module.endswith("." + pattern) or re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
+        if re.match(rf"(.*\.)?({pattern})$", module):
             return value
     return default
+
+
+def _is_unset(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, dict | list | str) and not value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _peft_defaults() -> dict[str, Any]:
+    """The defaults of the installed PEFT's `LoraConfig`, for fields this module does not know."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        return {}
+    defaults = {}
+    for config_field in dataclasses.fields(LoraConfig):
+        if config_field.default is not dataclasses.MISSING:
+            defaults[config_field.name] = config_field.default
+        elif config_field.default_factory is not dataclasses.MISSING:
+            defaults[config_field.name] = config_field.default_factory()
+    return defaults
+
+
+def _check_adapter_config(config: dict[str, Any], config_path: Path) -> None:
+    r"""
+    Refuse an adapter the merge cannot reproduce exactly, from its `adapter_config.json` alone (before any tensor).
+
+    Every field PEFT 0.21 writes is classified: bookkeeping, training-time and init-only settings
+    ([`MERGE_IRRELEVANT_FIELDS`]) take any value; [`CHECKED_FIELDS`] (`peft_type`, `lora_alpha`, `alpha_pattern`,
+    `use_rslora`, `bias`, `init_lora_weights`) must hold values a plain merge supports; the LoRA variants of
+    [`REFUSED_FIELDS`] must be unset. Any other field, from a newer PEFT, must be unset or at the installed PEFT's
+    default.
+
+    Raises:
+        `MergeError`: Naming the field, its value and what to do instead.
+    """
+    where = f"{config_path}:"
+    if config.get("peft_type") != "LORA":
+        raise MergeError(
+            f"{where} peft_type={config.get('peft_type')!r}: only LoRA adapters (peft_type 'LORA') can be merged "
+            "here; merge other PEFT methods with PEFT's `merge_and_unload()`."
+        )
+    alpha = config.get("lora_alpha")
+    if not _is_number(alpha):
+        raise MergeError(f"{where} lora_alpha={alpha!r} is not a number; restore it from the training run.")
+    patterns = config.get("alpha_pattern")
+    if not _is_unset(patterns) and (
+        not isinstance(patterns, dict) or not all(_is_number(value) for value in patterns.values())
+    ):
+        raise MergeError(
+            f"{where} alpha_pattern={patterns!r} does not map module patterns to numbers; restore it from the "
+            "training run."
+        )
+    if config.get("use_rslora") not in (None, True, False):  # alpha / sqrt(r) when true, alpha / r otherwise
+        raise MergeError(f"{where} use_rslora={config['use_rslora']!r} is not true or false; restore it.")
+    if (config.get("bias") or "none") not in LORA_BIAS_MODES:
+        raise MergeError(
+            f"{where} bias={config['bias']!r} is none of {', '.join(LORA_BIAS_MODES)}; restore it from the training "
+            "run."
+        )
+    init = True if config.get("init_lora_weights") is None else config["init_lora_weights"]
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise MergeError(
+            f"{where} init_lora_weights={init!r} changes the base weights, and PEFT recomputes that change each time "
+            "it loads the adapter, so a merge into the plain base would differ from it. Convert the adapter to plain "
+            "LoRA first (save it with `save_pretrained(..., path_initial_model_for_weight_conversion=...)`, as PEFT's "
+            "guide shows) and merge the converted adapter, or " + MERGE_WITH_PEFT + "."
+        )
+    if init == "loftq":
+        raise MergeError(
+            f"{where} init_lora_weights='loftq': PEFT quantises the base weights again each time it loads this "
+            f"adapter, so a merge into the plain base would differ from it; {MERGE_WITH_PEFT}."
+        )
+    if init not in PLAIN_LORA_INITS:
+        raise MergeError(
+            f"{where} init_lora_weights={init!r} is an initialisation this merge does not know; {MERGE_WITH_PEFT}."
+        )
+    defaults: dict[str, Any] | None = None
+    for key, value in config.items():
+        if key in MERGE_IRRELEVANT_FIELDS or key in CHECKED_FIELDS or _is_unset(value):
+            continue
+        if key in REFUSED_FIELDS:
+            why, instead = REFUSED_FIELDS[key]
+            raise MergeError(f"{where} {key}={value!r}: {why}; {instead}.")
+        defaults = _peft_defaults() if defaults is None else defaults
+        if key in defaults and value == defaults[key]:
+            continue
+        raise MergeError(
+            f"{where} {key}={value!r} is a setting this merge does not know (from a newer PEFT?), so it cannot tell "
+            f"whether a plain LoRA merge reproduces the adapter; {MERGE_WITH_PEFT}, or update longlora-hub."
+        )
 
 
 def _adapter_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -138,8 +329,8 @@ def load_adapter(folder: str | Path) -> Adapter:
 
     Raises:
         `FileNotFoundError`: No `adapter_config.json` or adapter weights in the folder.
-        `MergeError`: Not a LoRA adapter, or one with parts a plain merge cannot express (DoRA, LoRA biases,
-            trainable token indices).
+        `MergeError`: Not a LoRA adapter, or one whose `adapter_config.json` sets anything a plain merge
+            (`W + scale · B @ A`, trained tensors copied) cannot express (see [`_check_adapter_config`]).
     """
     folder = Path(folder).expanduser()
     config_path = folder / "adapter_config.json"
@@ -150,19 +341,7 @@ def load_adapter(folder: str | Path) -> Adapter:
         "the training run",
         error=MergeError,
     )
-    if config.get("peft_type") != "LORA":
-        raise MergeError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA adapters can be merged.")
-    if isinstance(config.get("lora_alpha"), bool) or not isinstance(config.get("lora_alpha"), int | float):
-        raise MergeError(
-            f"{config_path} has no numeric lora_alpha (got {config.get('lora_alpha')!r}); restore it from the training "
-            "run."
-        )
-    for unsupported, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases"), ("trainable_token_indices", "")):
-        if config.get(unsupported):
-            raise MergeError(
-                f"{folder} uses {what or unsupported}, which this merge does not support; merge it with PEFT's "
-                "`merge_and_unload()` instead."
-            )
+    _check_adapter_config(config, config_path)
     adapter = Adapter(folder, config)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in _adapter_state(folder).items():
@@ -172,12 +351,15 @@ def load_adapter(folder: str | Path) -> Adapter:
             module = match.group(1) or match.group(3)
             part = match.group(2) or match.group(4)
             pairs.setdefault(module, {})[part] = tensor
+        elif name.endswith(".lora_velora_embed"):
+            continue  # VeLoRA's activation-compression buffer: used by the backward pass only
         elif ".lora_" in name or "lora_magnitude" in name:
             raise MergeError(f"{folder}: adapter tensor {key!r} is of a kind this merge does not know.")
-        elif name.endswith(".base_layer.weight"):
-            # PEFT's copy of a LoRA-targeted embedding or lm_head (`save_embedding_layers`, on by default for them):
-            # `PeftModel` loads it over the base's weight, and the LoRA delta applies on top
-            adapter.replacements[name.removesuffix(".base_layer.weight") + ".weight"] = tensor
+        elif re.search(r"\.base_layer\.(weight|bias)$", name):
+            # a tensor of a LoRA-wrapped layer: PEFT's copy of a targeted embedding or lm_head (`save_embedding_layers`,
+            # on by default for them), or a bias trained with `bias="all"`/`"lora_only"`. `PeftModel` loads it over
+            # the base's tensor, and the LoRA delta applies on top
+            adapter.replacements[re.sub(r"\.base_layer\.(weight|bias)$", r".\1", name)] = tensor
         else:  # a module trained in full (modules_to_save): its tensor replaces the base's
             adapter.replacements[name] = tensor
     for module, parts in pairs.items():
@@ -189,8 +371,8 @@ def load_adapter(folder: str | Path) -> Adapter:
         rank = lora_a.shape[0]
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
         scale = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
-        transpose = embedding or bool(config.get("fan_in_fan_out"))
-        adapter.deltas[f"{module}.weight"] = LoraDelta(lora_a, lora_b, float(scale), transpose)
+        # PEFT keeps embeddings' factors transposed; fan_in_fan_out it ignores for nn.Linear, as Llama has no Conv1D
+        adapter.deltas[f"{module}.weight"] = LoraDelta(lora_a, lora_b, float(scale), transpose=embedding)
     return adapter
 
 
@@ -226,24 +408,17 @@ def _base_files(folder: Path) -> list[Path]:
 
 def _plan_shards(
     entries: list[tuple[Path, TensorEntry]], dtype: torch.dtype | None, max_shard_size: int
-) -> list[list[tuple[Path, TensorEntry, torch.dtype]]]:
-    """Group the tensors, in base order, into output shards of at most `max_shard_size` bytes (a tensor larger
-    than that gets a shard of its own)."""
-    shards: list[list[tuple[Path, TensorEntry, torch.dtype]]] = [[]]
-    size = 0
+) -> tuple[StateDictSplit, dict[str, tuple[Path, TensorEntry, torch.dtype]]]:
+    """The output files, planned by huggingface_hub from the output tensors' shapes and dtypes in base order (see
+    [`~shards.plan_shards`]), and where each tensor comes from with the dtype it is written in."""
+    sources: dict[str, tuple[Path, TensorEntry, torch.dtype]] = {}
     for path, entry in entries:
         out_dtype = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
-        nbytes = tensor_nbytes(entry.shape, out_dtype)
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append((path, entry, out_dtype))
-        size += nbytes
-    return shards
-
-
-def _shard_name(index: int, count: int) -> str:
-    return "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+        sources[entry.name] = (path, entry, out_dtype)
+    split = plan_shards(
+        [(name, entry.shape, out_dtype) for name, (_, entry, out_dtype) in sources.items()], max_shard_size
+    )
+    return split, sources
 
 
 def _untied_output(
@@ -372,11 +547,9 @@ def _output_config(
 
         dropped = (*LONGLORA_CONFIG_KEYS, "transformers_version", "_name_or_path", "rope_scaling", "rope_theta")
         values = {key: value for key, value in config_dict.items() if key not in dropped}
-        rope = read_rope(config_dict)  # one clean RoPE, whichever forms the base's config.json used
-        rope.pop("original_max_position_embeddings", None)
-        if rope["rope_type"] == "default":  # an unscaled RoPE has no factor; transformers warns about one
-            rope.pop("factor", None)
-        values.update(model_type="llama", architectures=["LlamaForCausalLM"], rope_parameters=rope)
+        values.update(model_type="llama", architectures=["LlamaForCausalLM"], rope_parameters=_stock_rope(config_dict))
+        # transformers standardises the RoPE (`standardize_rope_params`: defaults, the pretraining context of the
+        # types that read one) and validates it, exactly as when it loads the merged model
         return LlamaConfig(**values)
     except (TypeError, ValueError, StrictDataclassError) as error:
         if isinstance(error, MergeError):
@@ -388,14 +561,29 @@ def _output_config(
         ) from None
 
 
+def _stock_rope(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The base's RoPE as a stock `LlamaConfig` takes it: what transformers' RoPE functions read for its type, and
+    nothing they derive themselves (they warn about keys they do not read when the model loads)."""
+    rope = read_rope(config_dict)  # one clean RoPE, whichever forms the base's config.json used
+    if rope["rope_type"] not in ("yarn", "llama3", "longrope"):
+        # only these read the pretraining context from rope_parameters (transformers' `standardize_rope_params`);
+        # for them it must stay, or transformers would fill in max_position_embeddings and change the frequencies
+        rope.pop("original_max_position_embeddings", None)
+    if rope["rope_type"] == "default":  # an unscaled RoPE has no factor
+        rope.pop("factor", None)
+    return rope
+
+
 def _save_config(config: Any, staging: Path, architecture: str) -> None:
     config.save_pretrained(staging)
     if architecture == "llama_longlora":
         for path in remote_code_files():
             shutil.copyfile(path, staging / path.name)
-        return
     written = json.loads((staging / "config.json").read_text(encoding="utf-8"))
-    written.update(legacy_rope_fields(written.get("rope_parameters") or {}))
+    if architecture == "llama":
+        written.update(legacy_rope_fields(written.get("rope_parameters") or {}))
+    # transformers 5 writes `dtype`; 4.x, vLLM, TGI and other engines read `torch_dtype` (5 reads it silently too)
+    written["torch_dtype"] = written.get("dtype")
     (staging / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -418,7 +606,7 @@ def merge_adapter(
     base: str | Path | None = None,
     architecture: str = "llama_longlora",
     dtype: str | torch.dtype | None = None,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     r"""
     Merge `adapter` into its base model and save the result to `output`, streamed tensor by tensor.
@@ -438,8 +626,10 @@ def merge_adapter(
             `"llama_longlora"` keeps LlamaLongLoRA and its remote code; `"llama"` writes a stock Llama config.
         dtype (`str` or `torch.dtype`, *optional*):
             `"bfloat16"`, `"float16"` or `"float32"` for the floating-point tensors; defaults to the base's.
-        max_shard_size (`int`, *optional*, defaults to 5 GiB):
-            Largest output shard in bytes.
+        max_shard_size (`int` or `str`, *optional*, defaults to `"5GB"`):
+            Largest output shard, in bytes or as `"500MB"`, `"5GB"`, `"2GiB"` (huggingface_hub's default and units).
+            huggingface_hub plans the files, as for `save_pretrained`: `model.safetensors` when one holds
+            everything, else `model-00001-of-0000N.safetensors` and `model.safetensors.index.json`.
 
     Returns:
         `Path`: `output`.
@@ -456,8 +646,10 @@ def merge_adapter(
         if dtype not in DTYPE_CHOICES:
             raise MergeError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}.")
         dtype = DTYPE_CHOICES[dtype]
-    if max_shard_size < 1:
-        raise MergeError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}.")
+    try:
+        max_shard_size = parse_size(max_shard_size)
+    except ValueError as error:
+        raise MergeError(f"max_shard_size must be a positive size: {error}") from None
     output = Path(output).expanduser()
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output} exists and is not empty; pass a new folder (nothing is overwritten).")
@@ -481,32 +673,26 @@ def merge_adapter(
     floating = [entry.dtype for _, entry in entries if entry.dtype.is_floating_point]
     base_dtype = max(set(floating), key=floating.count) if floating else None
     config = _output_config(config_dict, architecture, dtype, base_dtype, untie=output_embedding is not None)
-    shards = _plan_shards(entries, dtype, max_shard_size)
-    _check_free_space(output, sum(tensor_nbytes(e.shape, d) for shard in shards for _, e, d in shard))
+    split, sources = _plan_shards(entries, dtype, max_shard_size)
+    _check_free_space(output, split.metadata["total_size"])
 
     staging = create_staging(output)
     try:
-        weight_map: dict[str, str] = {}
-        total = 0
         with ExitStack() as stack:
             handles = {path: stack.enter_context(path.open("rb")) for path in files}
-            for index, shard in enumerate(shards):
-                shard_name = _shard_name(index, len(shards))
+            for shard_name, names in split.filename_to_tensors.items():
+                shard = [sources[name] for name in names]
                 writer = ShardWriter(staging / shard_name, [(e.name, e.shape, d) for _, e, d in shard])
                 try:
                     for path, entry, out_dtype in shard:
                         tensor = _merged(entry.name, read_tensor(handles[path], entry), lora, out_dtype)
                         writer.write(entry.name, tensor)
-                        weight_map[entry.name] = shard_name
-                        total += tensor.numel() * tensor.element_size()
                         del tensor
                 except BaseException:
                     writer.abort()
                     raise
                 writer.close()
-        if len(shards) > 1:
-            index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (staging / SAFETENSORS_INDEX).write_text(json.dumps(index_json, indent=2) + "\n", encoding="utf-8")
+        write_index(staging, split)
         _save_config(config, staging, architecture)
         _copy_side_files(lora, base_folder, staging)
         provenance = read_provenance(base_folder)

@@ -5,19 +5,28 @@
 workstation both matter. The format is simple enough to stream: 8 bytes (little-endian header length), a JSON header
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the tensors' bytes, back to
 back in offset order. Files written here load with `safetensors` and `transformers` like any other.
+
+Which tensor goes in which file is not decided here: [`plan_shards`] asks `huggingface_hub` (the planner behind
+`save_pretrained` and `save_torch_state_dict`) with meta tensors standing in for the weights, so the file names, the
+grouping and the index are the ecosystem's while no weight has to be in memory to plan them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
+
+if TYPE_CHECKING:
+    from huggingface_hub import StateDictSplit
 
 DTYPES = {
     "F64": torch.float64,
@@ -34,6 +43,22 @@ DTYPES = {
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 HEADER_ALIGNMENT = 8  # the reference writer pads the header with spaces so the data starts 8-byte aligned
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference reader's limit: a larger "header" means a corrupt file
+# huggingface_hub's default (`split_torch_state_dict_into_shards`, `save_torch_state_dict`): files the Hub's browser,
+# git-lfs and resumable downloads handle well
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# decimal units as huggingface_hub reads `max_shard_size`, binary ones as transformers does; case does not matter
+SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 @dataclass(frozen=True)
@@ -114,6 +139,74 @@ def tensor_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
+def parse_size(size: int | str) -> int:
+    r"""
+    A shard size in bytes, from a number of bytes or a string such as `"5GB"`, `"500MB"`, `"1.5GB"` or `"2GiB"`.
+
+    huggingface_hub and transformers read `max_shard_size` this way (KB, MB, GB, TB are powers of 10; KiB, MiB, GiB,
+    TiB powers of 2), but neither exports its parser, so this is a copy of their rules that also takes plain byte
+    counts written as text (`"1000"`), as a command line gives them.
+
+    Raises:
+        `ValueError`: If `size` is not a size, or is under one byte.
+    """
+    hint = "write e.g. 5GB, 500MB, 2GiB or a number of bytes"
+    if isinstance(size, bool) or not isinstance(size, int | str):
+        raise ValueError(f"{size!r} is not a size; {hint}.")
+    if isinstance(size, int):
+        count = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", size)
+        unit = (match.group(2) or "B").upper() if match else ""
+        if unit not in SIZE_UNITS:
+            raise ValueError(f"{size!r} is not a size; {hint}.")
+        count = int(Decimal(match.group(1)) * SIZE_UNITS[unit])  # exact: "1.1GB" is 1100000000 bytes
+    if count < 1:
+        raise ValueError(f"{size!r} is not a size of at least one byte; {hint}.")
+    return count
+
+
+def plan_shards(
+    layout: Iterable[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+) -> StateDictSplit:
+    r"""
+    The files a checkpoint with these tensors is saved in, planned by `huggingface_hub` as `save_pretrained` plans
+    them: `model.safetensors` when one file holds everything, else `model-00001-of-0000N.safetensors`, each at most
+    `max_shard_size` bytes (a larger tensor gets a file of its own), filled in `layout` order.
+
+    Only shapes and dtypes are needed, so meta tensors stand in for the weights: planning a 70B checkpoint takes no
+    memory.
+
+    Args:
+        layout (`Iterable[tuple[str, tuple[int, ...], torch.dtype]]`): Name, shape and dtype of every tensor, in the
+            order they should fill the files.
+        max_shard_size (`int` or `str`, *optional*, defaults to `"5GB"`): Bytes, or a size such as `"500MB"` (see
+            [`parse_size`]).
+
+    Returns:
+        `huggingface_hub.StateDictSplit`: `filename_to_tensors` (the files, in order, and their tensors),
+        `tensor_to_filename` and `metadata` (`total_size`), which together are the index (see [`write_index`]).
+
+    Raises:
+        `ValueError`: If `max_shard_size` is not a size.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    stand_ins = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in layout}
+    return split_torch_state_dict_into_shards(stand_ins, max_shard_size=parse_size(max_shard_size))
+
+
+def write_index(folder: str | Path, split: StateDictSplit) -> Path | None:
+    """Write `model.safetensors.index.json` for a sharded `split`, as `save_pretrained` does (`metadata.total_size`
+    and the sorted `weight_map`); a single-file checkpoint has no index, and `None` is returned."""
+    if not split.is_sharded:
+        return None
+    path = Path(folder) / SAFETENSORS_INDEX
+    index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
+    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
 class ShardWriter:
     r"""
     Write one safetensors file whose tensors are known in advance (names, shapes, dtypes) and arrive one at a time.
@@ -170,4 +263,17 @@ class ShardWriter:
         self._handle.close()
 
 
-__all__ = ["DTYPES", "ShardWriter", "TensorEntry", "iter_tensors", "read_header", "read_tensor", "tensor_nbytes"]
+__all__ = [
+    "DEFAULT_MAX_SHARD_SIZE",
+    "DTYPES",
+    "SAFETENSORS_INDEX",
+    "ShardWriter",
+    "TensorEntry",
+    "iter_tensors",
+    "parse_size",
+    "plan_shards",
+    "read_header",
+    "read_tensor",
+    "tensor_nbytes",
+    "write_index",
+]

@@ -1,7 +1,9 @@
 """The streamed merge: merged logits equal base + adapter, both output architectures, sharding and dtype, the CLI,
 bad input, and its peak memory against loading the model whole (through `benchmarks/merge.py`)."""
 
+import inspect
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -15,6 +17,7 @@ from safetensors import safe_open
 
 from longlora_hub.cli import main as cli
 from longlora_hub.merge import MergeError, load_adapter, merge_adapter
+from longlora_hub.shards import DEFAULT_MAX_SHARD_SIZE, parse_size, read_header
 from longlora_hub.testing import sharded_base_and_adapter
 
 from .test_training import TINY_EXTEND, run, short
@@ -111,7 +114,8 @@ def test_merged_equals_base_plus_adapter_for_every_changed_tensor(sharded, tmp_p
 
 
 def test_adapter_scaling_variants(tmp_path):
-    """rslora and alpha_pattern change the LoRA scale exactly as PEFT applies it."""
+    """rslora, rank_pattern and alpha_pattern change the LoRA scale exactly as PEFT applies it (alpha / sqrt(r),
+    with r read from the tensors)."""
     from peft import LoraConfig, get_peft_model
 
     from longlora_hub.testing import tiny_llama
@@ -120,7 +124,12 @@ def test_adapter_scaling_variants(tmp_path):
     base = tmp_path / "base"
     model.save_pretrained(base)
     config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True, alpha_pattern={"v_proj": 2}
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        use_rslora=True,
+        alpha_pattern={"v_proj": 2},
+        rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
     )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
@@ -130,6 +139,7 @@ def test_adapter_scaling_variants(tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     lora = load_adapter(tmp_path / "adapter")
     assert lora.deltas["model.layers.0.self_attn.q_proj.weight"].scale == pytest.approx(8 / 2)
+    assert lora.deltas["model.layers.1.self_attn.q_proj.weight"].scale == pytest.approx(8 / 2**0.5)
     assert lora.deltas["model.layers.0.self_attn.v_proj.weight"].scale == pytest.approx(2 / 2)
     merged = merge_adapter(tmp_path / "adapter", tmp_path / "merged", base=base, architecture="llama")
     from transformers import AutoModelForCausalLM
@@ -144,11 +154,17 @@ def test_adapter_scaling_variants(tmp_path):
 def _tied_base_and_adapter(folder, peft_config, seed=0):
     """A tiny tied Llama saved with `save_pretrained` (so no lm_head.weight on disk) and an adapter for it with every
     trainable tensor moved off its initial value, as training would."""
+    return _base_and_adapter(folder, peft_config, seed, tie_word_embeddings=True)
+
+
+def _base_and_adapter(folder, peft_config, seed=0, **overrides):
+    """A tiny Llama saved with `save_pretrained` (one model.safetensors) and an adapter for it with every trainable
+    tensor moved off its initial value, as training would."""
     from peft import get_peft_model
 
     from longlora_hub.testing import tiny_llama
 
-    model = tiny_llama(seed, tie_word_embeddings=True)
+    model = tiny_llama(seed, **overrides)
     base = folder / "base"
     model.save_pretrained(base)
     peft_model = get_peft_model(model, peft_config)
@@ -307,6 +323,8 @@ def test_bad_input_is_refused_and_leaves_nothing(sharded, tmp_path):
         merge_adapter(adapter, tmp_path / "out", base=pickled)
     result = CliRunner().invoke(cli, ["merge", str(adapter), str(tmp_path / "out"), "--max-shard-size", "lots"])
     assert result.exit_code == 2 and "is not a size" in result.output
+    with pytest.raises(MergeError, match=r"max_shard_size must be a positive size: 'lots' is not a size"):
+        merge_adapter(adapter, tmp_path / "out", max_shard_size="lots")
 
 
 @pytest.fixture
@@ -408,3 +426,292 @@ def test_streamed_merge_memory_against_loading_whole():
         pytest.skip("this kernel does not let a process reset its RSS high-water mark")
     assert result["config"]["base_shards"] == 8 and result["config"]["model_mib"] > 150
     assert result["ratios"]["mem_streamed/load"] <= 1 / 3, result["cases"]
+
+
+@pytest.fixture
+def transformers_warnings():
+    """A list of what transformers logs at WARNING and above (its logger does not propagate to caplog)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    yield records
+    logging.getLogger("transformers").removeHandler(handler)
+
+
+def _lora_on_q_and_v(peft_config):
+    """A LoraConfig for `_base_and_adapter`: LoRA on q and v, plus `peft_config`."""
+    from peft import LoraConfig
+
+    return LoraConfig(**{"target_modules": ["q_proj", "v_proj"], **peft_config})
+
+
+def test_shards_are_planned_by_huggingface_hub(tmp_path):
+    """The output files are huggingface_hub's plan (`split_torch_state_dict_into_shards`, what `save_pretrained`
+    uses) for the output tensors in base order: names, grouping (a tensor over the limit gets its own file while the
+    current one keeps filling), `metadata.total_size` and `weight_map`; the streamed writer fills them. One file is
+    `model.safetensors` with no index."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = _base_and_adapter(tmp_path, _lora_on_q_and_v({}))
+    limit = 30_000  # the MLP matrices (32 KiB in fp32) are over it, the attention ones and the norms under it
+    merged_dir = merge_adapter(adapter, tmp_path / "merged", base=base, architecture="llama", max_shard_size="30KB")
+    stand_ins = {
+        e.name: torch.empty(e.shape, dtype=e.dtype, device="meta") for e in read_header(base / "model.safetensors")[0]
+    }
+    expected = split_torch_state_dict_into_shards(stand_ins, max_shard_size=limit)
+    assert expected.is_sharded and len(expected.filename_to_tensors) > 8
+    index = json.loads((merged_dir / "model.safetensors.index.json").read_text())
+    assert index == {"metadata": expected.metadata, "weight_map": expected.tensor_to_filename}
+    assert sorted(path.name for path in merged_dir.glob("*.safetensors")) == sorted(expected.filename_to_tensors)
+    for name, tensors in expected.filename_to_tensors.items():
+        with safe_open(merged_dir / name, "pt") as handle:
+            assert sorted(handle.keys()) == sorted(tensors), name
+            assert handle.metadata() == {"format": "pt"}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _weights(merged_dir).values())
+    ids = _ids()
+    unmerged, _ = _adapter_logits(base, adapter, ids)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits
+    torch.testing.assert_close(logits, unmerged, atol=1e-4, rtol=0)
+
+    single = merge_adapter(adapter, tmp_path / "single", base=base, architecture="llama")
+    assert sorted(path.name for path in single.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (single / "model.safetensors.index.json").exists()
+
+
+def test_one_default_shard_size_shared_with_huggingface_hub(sharded, tmp_path, monkeypatch):
+    """The Python API, the CLI (which passes nothing without the flag) and huggingface_hub share one default:
+    5GB, 5 * 10**9 bytes (the API used to say 5 GiB while the CLI said 5GB)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    import longlora_hub.merge as merge_module
+
+    hub_default = inspect.signature(split_torch_state_dict_into_shards).parameters["max_shard_size"].default
+    api_default = inspect.signature(merge_adapter).parameters["max_shard_size"].default
+    assert api_default == DEFAULT_MAX_SHARD_SIZE == hub_default == "5GB"
+    assert parse_size(api_default) == 5 * 10**9
+    calls = []
+    monkeypatch.setattr(merge_module, "merge_adapter", lambda *args, **kwargs: calls.append(kwargs) or Path(args[1]))
+    _, adapter = sharded
+    result = CliRunner().invoke(cli, ["merge", str(adapter), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert parse_size(calls[0].get("max_shard_size", api_default)) == 5 * 10**9
+    help_text = CliRunner().invoke(cli, ["merge", "--help"]).output
+    assert f"default: {DEFAULT_MAX_SHARD_SIZE}" in " ".join(help_text.split())
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("1000", 1000),
+        ("500MB", 500 * 10**6),
+        ("5GB", 5 * 10**9),
+        ("5gb", 5 * 10**9),
+        ("1.5GB", 1_500_000_000),
+        ("2GiB", 2 * 2**30),
+        ("64KiB", 65536),
+        ("1TB", 10**12),
+    ],
+)
+def test_max_shard_size_option_reads_sizes(sharded, tmp_path, monkeypatch, text, size):
+    """`--max-shard-size` is a click type: bytes, decimal units (as huggingface_hub) and binary ones (as
+    transformers) arrive at merge_adapter as a number of bytes."""
+    import longlora_hub.merge as merge_module
+
+    calls = []
+    monkeypatch.setattr(merge_module, "merge_adapter", lambda *args, **kwargs: calls.append(kwargs) or Path(args[1]))
+    _, adapter = sharded
+    result = CliRunner().invoke(cli, ["merge", str(adapter), str(tmp_path / "out"), "--max-shard-size", text])
+    assert result.exit_code == 0, result.output
+    assert calls == [{"base": None, "architecture": "llama_longlora", "dtype": None, "max_shard_size": size}]
+
+
+@pytest.mark.parametrize("text", ["lots", "5XB", "0", "-1GB", "5 GB B", ""])
+def test_a_bad_max_shard_size_is_a_usage_error(sharded, tmp_path, no_shard_written, text):
+    _, adapter = sharded
+    result = CliRunner().invoke(cli, ["merge", str(adapter), str(tmp_path / "out"), "--max-shard-size", text])
+    assert result.exit_code == 2, result.output
+    assert "Usage: " in result.output and "Invalid value for '--max-shard-size':" in result.output
+    assert "write e.g. 5GB, 500MB, 2GiB or a number of bytes" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"peft_type": "LOHA"}, r"peft_type='LOHA': only LoRA adapters .* `merge_and_unload\(\)`"),
+        ({"lora_alpha": "16"}, r"lora_alpha='16' is not a number"),
+        ({"alpha_pattern": {"q_proj": "big"}}, r"alpha_pattern=\{'q_proj': 'big'\} does not map"),
+        ({"use_rslora": "yes"}, r"use_rslora='yes' is not true or false"),
+        ({"bias": "some"}, r"bias='some' is none of none, all, lora_only"),
+        ({"use_dora": True}, r"use_dora=True: DoRA .*; merge it with PEFT's `merge_and_unload\(\)` instead\."),
+        ({"lora_bias": True}, r"lora_bias=True: its LoRA B matrices carry biases"),
+        ({"trainable_token_indices": [5, 6]}, r"trainable_token_indices=\[5, 6\]: it trains single rows"),
+        ({"alora_invocation_tokens": [7, 8]}, r"alora_invocation_tokens=\[7, 8\]: .*serve the adapter unmerged"),
+        ({"use_qalora": True}, r"use_qalora=True: QALoRA"),
+        ({"monteclora_config": {"n_samples": 4}}, r"monteclora_config=\{'n_samples': 4\}: MonteCLoRA"),
+        ({"use_bdlora": {"nblocks": 2}}, r"use_bdlora=\{'nblocks': 2\}: BD-LoRA"),
+        ({"arrow_config": {"top_k": 2}}, r"arrow_config=\{'top_k': 2\}: Arrow routes .*serve the adapters unmerged"),
+        ({"kasa_config": {"beta": 1}}, r"kasa_config=\{'beta': 1\}: KaSA"),
+        ({"layer_replication": [[0, 2], [1, 2]]}, r"layer_replication=\[\[0, 2\], \[1, 2\]\]: .*more layers"),
+        ({"target_parameters": ["mlp.experts.down_proj"]}, r"target_parameters=\['mlp.experts.down_proj'\]"),
+        ({"megatron_config": {"tensor_model_parallel_size": 2}}, r"megatron_config=.*Megatron's parallel layers"),
+        ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' changes the base weights.*convert"),
+        ({"init_lora_weights": "pissa_niter_4"}, r"init_lora_weights='pissa_niter_4' changes the base weights"),
+        ({"init_lora_weights": "olora"}, r"init_lora_weights='olora' changes the base weights"),
+        ({"init_lora_weights": "corda"}, r"init_lora_weights='corda' changes the base weights"),
+        ({"init_lora_weights": "lora_ga"}, r"init_lora_weights='lora_ga' changes the base weights"),
+        ({"init_lora_weights": "loftq"}, r"init_lora_weights='loftq': PEFT quantises the base weights again"),
+        ({"init_lora_weights": "spectral"}, r"init_lora_weights='spectral' is an initialisation this merge does not"),
+        ({"use_quantum_lora": True}, r"use_quantum_lora=True is a setting this merge does not know .*newer PEFT"),
+        ({"future_scale": 0.5}, r"future_scale=0.5 is a setting this merge does not know"),
+    ],
+)
+def test_adapter_config_allowlist_refuses(sharded, tmp_path, no_shard_written, changes, message):
+    """Anything but plain LoRA, named by its field and value with what to do instead, before any shard; a field
+    this merge does not know (a newer PEFT's) is refused unless unset."""
+    _, adapter = sharded
+    edited = Path(shutil.copytree(adapter, tmp_path / "adapter"))
+    config = json.loads((edited / "adapter_config.json").read_text()) | changes
+    (edited / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(MergeError, match=message) as error:
+        merge_adapter(edited, tmp_path / "out")
+    assert str(edited / "adapter_config.json") in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_config_fields_a_merge_ignores_pass(sharded):
+    """Bookkeeping, training-time and init-only fields take any value; an unknown field passes when unset."""
+    _, adapter = sharded
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    from longlora_hub.merge import _check_adapter_config
+
+    _check_adapter_config(config, adapter / "adapter_config.json")  # what PEFT 0.21 writes for lora_plus
+    _check_adapter_config(
+        config
+        | {
+            "lora_dropout": 0.3,
+            "loftq_config": {"loftq_bits": 4, "loftq_iter": 1},
+            "eva_config": {"rho": 2.0},
+            "corda_config": {"corda_method": "kpm"},
+            "megatron_core": "my.megatron",
+            "qalora_group_size": 32,
+            "layers_to_transform": [0],
+            "layers_pattern": "layers",
+            "rank_pattern": {"q_proj": 4},
+            "exclude_modules": ["lm_head"],
+            "inference_mode": False,
+            "task_type": None,
+            "velora_config": {"num_groups": 4},
+            "init_lora_weights": "gaussian",
+            "use_dora": False,
+            "layer_replication": None,
+            "target_parameters": [],
+            "future_flag": False,
+            "future_list": [],
+            "future_setting": None,
+        },
+        adapter / "adapter_config.json",
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "peft_config", "base_overrides", "config_edit"),
+    [
+        # a saved fan_in_fan_out=true: PEFT turns it off for nn.Linear when it loads the adapter (the merge once
+        # transposed the deltas for it)
+        ("fan_in_fan_out", {}, {}, {"fan_in_fan_out": True}),
+        ("bias_all", {"bias": "all"}, {"attention_bias": True}, {}),
+        ("bias_lora_only", {"bias": "lora_only"}, {"attention_bias": True}, {}),
+        ("velora", {"velora_config": {}}, {}, {}),
+        ("mica", {"init_lora_weights": "mica"}, {}, {}),
+    ],
+)
+def test_supported_adapter_settings_merge_to_peft_logits(tmp_path, kind, peft_config, base_overrides, config_edit):
+    """Settings a plain merge expresses give PEFT's logits: trained biases replace the base's, VeLoRA's buffer
+    (backward only) is skipped, MiCA is LoRA with a frozen B."""
+    from peft.tuners.lora.config import VeloraConfig
+    from transformers import AutoModelForCausalLM
+
+    if "velora_config" in peft_config:
+        peft_config = {**peft_config, "velora_config": VeloraConfig()}
+    base, adapter = _base_and_adapter(tmp_path, _lora_on_q_and_v(peft_config), **base_overrides)
+    if config_edit:
+        config_path = adapter / "adapter_config.json"
+        config_path.write_text(json.dumps(json.loads(config_path.read_text()) | config_edit))
+    merged_dir = merge_adapter(adapter, tmp_path / "merged", base=base, architecture="llama")
+    ids = _ids()
+    unmerged, _ = _adapter_logits(base, adapter, ids)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
+    assert not torch.allclose(logits, plain, atol=1e-3)  # the adapter does something
+    torch.testing.assert_close(logits, unmerged, atol=1e-4, rtol=0)
+    if kind.startswith("bias"):
+        weights, base_weights = _weights(merged_dir), _weights(base)
+        name = "model.layers.0.self_attn.q_proj.bias"
+        assert not torch.equal(weights[name], base_weights[name])
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        None,
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ],
+    ids=["default", "linear", "dynamic", "yarn", "llama3"],
+)
+def test_stock_llama_keeps_the_base_rope_and_loads_without_warnings(tmp_path, transformers_warnings, rope):
+    """--architecture llama: transformers standardises the base's RoPE into the merged config, which loads without
+    a warning and runs the base's RoPE (a yarn or llama3 base keeps its pretraining context: the merge used to drop
+    it, so transformers filled in max_position_embeddings, changed the frequencies and warned)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    overrides = {} if rope is None else {"rope_parameters": dict(rope)}
+    base, adapter = _base_and_adapter(tmp_path, _lora_on_q_and_v({}), **overrides)
+    merged_dir = merge_adapter(adapter, tmp_path / "merged", base=base, architecture="llama")
+    transformers_warnings.clear()
+    model = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert [record.getMessage() for record in transformers_warnings] == []
+
+    def standardised(folder):
+        rope_parameters = dict(LlamaConfig.from_pretrained(folder).rope_parameters)
+        rope_parameters.pop("type", None)  # 4.x's name, from the legacy rope_scaling beside it
+        return rope_parameters
+
+    assert standardised(merged_dir) == standardised(base)
+    assert (
+        model.config.max_position_embeddings
+        == json.loads((base / "config.json").read_text())["max_position_embeddings"]
+    )
+    ids = _ids()
+    unmerged, _ = _adapter_logits(base, adapter, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, unmerged, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("architecture", ["llama_longlora", "llama"])
+def test_merged_config_writes_torch_dtype_beside_dtype(sharded, tmp_path, transformers_warnings, architecture):
+    """transformers 5 writes `dtype`; 4.x and other engines read `torch_dtype`: both are there, and 5 loads the
+    config without a word."""
+    from transformers import AutoConfig
+
+    _, adapter = sharded
+    merged_dir = merge_adapter(adapter, tmp_path / "merged", architecture=architecture, dtype="bfloat16")
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    transformers_warnings.clear()
+    loaded = AutoConfig.from_pretrained(merged_dir, trust_remote_code=architecture == "llama_longlora")
+    assert loaded.dtype == torch.bfloat16
+    assert [record.getMessage() for record in transformers_warnings] == []
