@@ -534,3 +534,16 @@ def test_flash_on_regular_rows_reads_its_runs_off_the_plan(monkeypatch, shift):
     runs = {"plain": [8, 8, 6], "segments": [4, 8, 8, 2], "roll": [8, 8, 6]}
     assert plain == list(itertools.accumulate([0] + runs["plain"] * 2))
     assert shifted == list(itertools.accumulate([0] + runs[shift] * 2))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager", "flash_attention_2"])
+def test_a_batch_of_padding_only_gives_zeros(monkeypatch, backend):
+    """A batch with no real token (possible at the end of a filtered or packed dataset) is all zeros, with zero
+    gradients, instead of an index error in the bins or an empty max in the flash path."""
+    use_flash_stand_in(monkeypatch, strict=False)
+    case = Layout(padding=torch.zeros(2, 16, dtype=torch.long))
+    inputs = layout_inputs(case, torch.float64)
+    out = s2_attention(*inputs, case.build(), SCALE, 0.0, backend)
+    assert out.shape == (2, 16, 4, DIM) and not out.any()
+    grads = torch.autograd.grad(out.sum(), inputs, allow_unused=True, materialize_grads=True)
+    assert all(not grad.any() for grad in grads)

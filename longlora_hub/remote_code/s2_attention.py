@@ -72,6 +72,7 @@ class S2Layout:
         doc (`torch.LongTensor` of shape `(B, N)`): index of the document a token belongs to in its row.
         local (`torch.LongTensor` of shape `(B, N)`): position of a token in its own document, counting real
             tokens only. Groups are `local // G` (unshifted heads) and `(local + G/2) // G` (shifted heads).
+        empty (`bool`): no token of the batch is real (all padding): nothing to attend.
     """
 
     group_size: int
@@ -80,6 +81,7 @@ class S2Layout:
     valid: torch.Tensor
     doc: torch.Tensor
     local: torch.Tensor
+    empty: bool = False
     _derived: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -104,7 +106,7 @@ class S2Layout:
 
         def copy():
             moved = (x.to(device) for x in (self.valid, self.doc, self.local))
-            return S2Layout(self.group_size, self.shift, self.regular, *moved)
+            return S2Layout(self.group_size, self.shift, self.regular, *moved, self.empty)
 
         return self.cached(f"on/{device}", copy)
 
@@ -176,7 +178,7 @@ def build_s2_layout(
     # real tokens before the start of each token's document; cummax carries it forward (it only grows)
     base = torch.where(starts, before, torch.zeros_like(before)).cummax(-1).values
     local = torch.where(valid, before - base, torch.zeros_like(before))  # (B, N)
-    return S2Layout(group_size, shift, False, valid, doc, local)
+    return S2Layout(group_size, shift, False, valid, doc, local, empty=not bool(valid.any()))
 
 
 # The layouts of recent forwards, for models that do not hand one to their attention layers: every layer of one
@@ -969,6 +971,8 @@ def s2_attention(
     if query.shape[1] < 2:
         raise ValueError("S²-Attn shifts half of the heads: it needs at least 2 attention heads.")
     layout = layout.on(query.device)
+    if layout.empty:  # all padding: the output is zero there anyway, and no kernel takes zero tokens
+        return (query.transpose(1, 2) * 0).contiguous()  # (B, N, Hq, D)
     if backend == "flex_attention":
         if dropout > 0:  # flex_attention has no dropout argument: refuse rather than silently train without it
             raise ValueError(
