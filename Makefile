@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-real real-model lint format demo bench clean
+.PHONY: install test test-real real-model lint format demo bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py
+
+# the prepared GPU check (benchmarks/README.md): with the venv's python where there is one, else the system python3
+# (the GPU machine has no .venv and nothing to install); `make gpu-check GPU_CHECK_ARGS=--dry-run` without a GPU
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo_output
