@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecode
 
 from .configuration_llama_longlora import LlamaLongLoRAConfig
 from .s2_attention import S2_BACKENDS, build_s2_layout, flash_inputs, s2_attention, s2_group_size
+from .s2_context_parallel import ContextParallel, shard_layout
 
 
 class LlamaLongLoRAAttention(LlamaAttention):
@@ -60,6 +61,9 @@ class LlamaLongLoRAModel(LlamaLongLoRAPreTrainedModel, LlamaModel):
         self.layers = nn.ModuleList(
             [LlamaLongLoRADecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
+        # S² training with each row's tokens split over the ranks of a process group (see s2_context_parallel):
+        # set by the trainer (or passed to forward as `s2_context_parallel`); None trains on whole rows
+        self.s2_context_parallel: ContextParallel | None = None
         self.post_init()
 
     def s2_active(self, cache=None) -> bool:
@@ -79,6 +83,7 @@ class LlamaLongLoRAModel(LlamaLongLoRAPreTrainedModel, LlamaModel):
     ):
         if "past_key_values" in kwargs:  # the name transformers deprecates until 5.40
             cache = kwargs.pop("past_key_values")
+        parallel = kwargs.pop("s2_context_parallel", None) or self.s2_context_parallel
         if not self.s2_active(cache):
             return super().forward(
                 input_ids=input_ids,
@@ -114,6 +119,12 @@ class LlamaLongLoRAModel(LlamaLongLoRAPreTrainedModel, LlamaModel):
         )
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=reference.device)[None]
+        if parallel is not None and parallel.size > 1:  # this rank's shard of every row, with its halo lengths
+            layout = shard_layout(layout, parallel)
+            own = slice(layout.shard.start, layout.shard.start + layout.shard.length)
+            input_ids = None if input_ids is None else input_ids[:, own]
+            inputs_embeds = None if inputs_embeds is None else inputs_embeds[:, own]
+            position_ids = position_ids[:, own]
         # A 4D mask makes transformers skip building its (B, 1, N, N) mask; this one is only the key-padding
         # mask (B, 1, 1, N), O(N). The attention layers read the layout instead.
         return super().forward(
@@ -133,6 +144,32 @@ class LlamaLongLoRAForCausalLM(LlamaLongLoRAPreTrainedModel, LlamaForCausalLM):
         super().__init__(config)
         self.model = LlamaLongLoRAModel(config)
         self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, labels=None, **kwargs):
+        """`LlamaForCausalLM.forward`; under context parallelism (S² training with `s2_context_parallel`), the
+        logits are this rank's shard's and the loss is scaled so that its mean over the ranks, and the mean of the
+        gradients (what DDP, FSDP and DeepSpeed all-reduce), are those of the whole rows."""
+        if "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        parallel = kwargs.get("s2_context_parallel") or self.model.s2_context_parallel
+        if labels is None or parallel is None or parallel.size == 1 or not self.model.s2_active(cache):
+            return super().forward(input_ids, attention_mask, position_ids, cache, labels=labels, **kwargs)
+        # the label of a shard's last token is the first token of the next shard: shift the whole rows first
+        shift_labels = kwargs.pop("shift_labels", None)
+        if shift_labels is None:
+            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, N)
+        count = kwargs.pop("num_items_in_batch", None)
+        if count is None:
+            count = (shift_labels != -100).sum()
+        outputs = super().forward(input_ids, attention_mask, position_ids, cache, **kwargs)
+        length = outputs.logits.shape[1]
+        own = shift_labels[:, parallel.rank * length : (parallel.rank + 1) * length].contiguous()  # (B, n)
+        loss = self.loss_function(
+            logits=outputs.logits, labels=None, shift_labels=own, vocab_size=self.config.vocab_size,
+            num_items_in_batch=count,
+        )  # fmt: skip
+        outputs.loss = loss * parallel.size  # this shard's share of the rows' mean, times P (the ranks average)
+        return outputs
 
 
 # `save_pretrained` then writes `auto_map` and copies these files next to the weights.

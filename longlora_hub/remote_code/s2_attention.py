@@ -73,6 +73,11 @@ class S2Layout:
         local (`torch.LongTensor` of shape `(B, N)`): position of a token in its own document, counting real
             tokens only. Groups are `local // G` (unshifted heads) and `(local + G/2) // G` (shifted heads).
         empty (`bool`): no token of the batch is real (all padding): nothing to attend.
+        groups (`tuple` of two `torch.LongTensor` of shape `(B, N)`, *optional*): the group of every token for the
+            unshifted and the shifted half, given rather than derived from `local` (a context-parallel shard's
+            window, where they come from the whole row); tokens are then in causal order within a group.
+        shard (*optional*): set on the layout of one context-parallel shard (see `s2_context_parallel`): S² then
+            runs on this rank's tokens, with the keys and values it needs from its neighbour.
     """
 
     group_size: int
@@ -82,6 +87,8 @@ class S2Layout:
     doc: torch.Tensor
     local: torch.Tensor
     empty: bool = False
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None
+    shard: object = None
     _derived: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -98,6 +105,12 @@ class S2Layout:
             self._derived[key] = build()
         return self._derived[key]
 
+    def group_of(self, offset: int) -> torch.Tensor:
+        """(B, N) group of every token for the half of the heads laid out with `offset` (0, or G/2 when shifted)."""
+        if self.groups is not None:
+            return self.groups[int(offset > 0)]
+        return (self.local + offset) // self.group_size
+
     def on(self, device: torch.device) -> "S2Layout":
         """This layout on `device`, copied once and reused: a model split over GPUs (`device_map`) runs its layers
         on several devices, and each layer's structures must live on its own."""
@@ -106,7 +119,8 @@ class S2Layout:
 
         def copy():
             moved = (x.to(device) for x in (self.valid, self.doc, self.local))
-            return S2Layout(self.group_size, self.shift, self.regular, *moved, self.empty)
+            groups = None if self.groups is None else tuple(x.to(device) for x in self.groups)
+            return S2Layout(self.group_size, self.shift, self.regular, *moved, self.empty, groups, self.shard)
 
         return self.cached(f"on/{device}", copy)
 
@@ -656,7 +670,7 @@ def _segments(layout: S2Layout, offset: int) -> tuple[torch.Tensor, torch.Tensor
     n = layout.seq_len
     token_index = layout.valid.reshape(-1).nonzero().squeeze(-1)  # (T,)
     rows = torch.arange(layout.batch_size, device=token_index.device).repeat_interleave(n)  # (B*N,)
-    group = (layout.local + offset) // layout.group_size  # (B, N)
+    group = layout.group_of(offset)  # (B, N)
     # one integer per (row, document, group); all three are < N + 1
     key = (rows * (n + 1) + layout.doc.reshape(-1)) * (n + 1) + group.reshape(-1)  # (B*N,)
     _, lengths = torch.unique_consecutive(key[token_index], return_counts=True)  # (S,)
@@ -838,7 +852,10 @@ def _flex_rules(layout: S2Layout, length: int):
     n, group, half = layout.seq_len, layout.group_size, layout.group_size // 2
     index = torch.arange(length, device=layout.valid.device).expand(layout.batch_size, length)  # (B, L)
     valid, doc, local = (F.pad(x, (0, length - n)) for x in (layout.valid, layout.doc, layout.local))  # (B, L)
-    if layout.shift == "roll":
+    if layout.groups is not None:  # given groups, in causal order
+        order = torch.stack([index, index])  # (2, B, L)
+        groups = torch.stack([F.pad(x, (0, length - n)) for x in layout.groups])  # (2, B, L)
+    elif layout.shift == "roll":
         # where each token sits after the roll by -G/2 (of the N real positions; the tail stays where it is)
         rolled = torch.where(index < n, (index - half) % n, index)
         order = torch.stack([index, rolled])  # (2, B, L): causal order per half
@@ -971,6 +988,8 @@ def s2_attention(
     if query.shape[1] < 2:
         raise ValueError("S²-Attn shifts half of the heads: it needs at least 2 attention heads.")
     layout = layout.on(query.device)
+    if layout.shard is not None:  # one context-parallel shard: the halo exchange, then S² on the window
+        return layout.shard.attend(query, key, value, scaling, dropout, backend)
     if layout.empty:  # all padding: the output is zero there anyway, and no kernel takes zero tokens
         return (query.transpose(1, 2) * 0).contiguous()  # (B, N, Hq, D)
     if backend == "flex_attention":

@@ -1,0 +1,228 @@
+"""Context parallelism for S²-Attn: one row's tokens split over P ranks, with a halo exchange instead of a ring.
+
+Rank r holds the contiguous shard [r * N/P, (r + 1) * N/P) of every row. Under S² a token attends only to the
+earlier tokens of its own group (at most G), so when no group spans more than two ranks, the keys and values a shard
+needs that it does not hold are the last few tokens of the previous rank: the halo. With the default layout (N/P a
+multiple of G), the unshifted groups lie inside one rank and each shifted group starts G/2 tokens before a shard
+boundary, so the halo is G/2 tokens, whatever N and P. Ring attention and Ulysses move every key/value block (or
+every token's heads) instead, which grows with N.
+
+The halo lengths come from the whole row's layout (its padding mask and position_ids are O(N) integers, which every
+rank of the group has, since context-parallel ranks get the same batch): a halo is the previous shard's suffix whose
+tokens share a (document, group) with this shard. Padding and packing are then exact too. With
+`s2_shift="roll"` the last group wraps onto the row's start, so rank 0's previous rank is P - 1.
+
+Per layer, in the forward, each rank sends its suffix of keys and values to the next rank and receives its halo from
+the previous one (`torch.distributed` point-to-point); in the backward the halo's gradient goes back the same way.
+The shard's queries then attend over [halo, own tokens] with any S² backend (`_HaloExchange`, `_ContextShard`).
+
+This file is shipped as remote code: it imports only the standard library, torch and its sibling files.
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from .s2_attention import S2Layout, s2_attention
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """The ranks a row's tokens are split over: `group`, a `torch.distributed` process group of P ranks (None: the
+    default group); shard r goes to the r-th rank of the group."""
+
+    group: object = None
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def global_rank(self, rank: int) -> int:
+        """The default-group rank of the group's `rank`-th member (point-to-point ops address those)."""
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+
+@dataclass
+class _ContextShard:
+    """This rank's part of a context-parallel S² forward, shared by every layer (it sits on the shard's layout).
+
+    `start`/`length`: the shard's tokens in the row; `halo_in`: how many tokens of the previous rank it receives;
+    `halo_out`: how many of its own last tokens the next rank needs; `window`: the layout of [halo, own tokens]."""
+
+    parallel: ContextParallel
+    start: int
+    length: int
+    halo_in: int
+    halo_out: int
+    window: S2Layout
+
+    @property
+    def previous(self) -> int:
+        return self.parallel.global_rank((self.parallel.rank - 1) % self.parallel.size)
+
+    @property
+    def next(self) -> int:
+        return self.parallel.global_rank((self.parallel.rank + 1) % self.parallel.size)
+
+    def attend(self, query, key, value, scaling: float, dropout: float, backend: str) -> torch.Tensor:
+        """S² for this shard's queries. q: (B, Hq, n, D), k/v: (B, Hk, n, D), this rank's tokens. Returns
+        (B, n, Hq, D)."""
+        key_halo, value_halo = _HaloExchange.apply(key, value, self)  # (B, Hk, h, D)
+        batch, heads, _, dim = query.shape
+        # the halo's own queries belong to the previous rank: zeros here, their outputs dropped
+        query = torch.cat([query.new_zeros(batch, heads, self.halo_in, dim), query], dim=2)  # (B, Hq, h + n, D)
+        key, value = (torch.cat(pair, dim=2) for pair in ((key_halo, key), (value_halo, value)))  # (B, Hk, h + n, D)
+        out = s2_attention(query, key, value, self.window, scaling, dropout, backend)  # (B, h + n, Hq, D)
+        return out[:, self.halo_in :]
+
+
+class _HaloExchange(torch.autograd.Function):
+    """Forward: send the last `halo_out` tokens of k/v to the next rank, receive `halo_in` from the previous one.
+    Backward: the halo's gradient goes back to the previous rank, and the next rank's gradient of what this rank
+    sent is added to the last `halo_out` tokens. k/v: (B, Hk, n, D); returns the halo's k/v (B, Hk, h, D)."""
+
+    @staticmethod
+    def forward(ctx, key, value, shard: _ContextShard):
+        ctx.shard = shard
+        sent = torch.stack([key[:, :, key.shape[2] - shard.halo_out :], value[:, :, value.shape[2] - shard.halo_out :]])
+        received = key.new_empty(2, key.shape[0], key.shape[1], shard.halo_in, key.shape[3])  # (2, B, Hk, h, D)
+        _exchange(sent.contiguous(), shard.next, received, shard.previous, shard.parallel.group)
+        return received[0], received[1]
+
+    @staticmethod
+    def backward(ctx, grad_key, grad_value):
+        shard = ctx.shard
+        sent = torch.stack([grad_key, grad_value]).contiguous()  # (2, B, Hk, h, D): back to the previous rank
+        batch, heads, _, dim = grad_key.shape
+        received = grad_key.new_empty(2, batch, heads, shard.halo_out, dim)  # (2, B, Hk, halo_out, D)
+        _exchange(sent, shard.previous, received, shard.next, shard.parallel.group)
+        # the gradient of every token of the shard but its last halo_out is zero here (it flows in directly)
+        pad = (0, 0, shard.length - shard.halo_out, 0)
+        grads = torch.nn.functional.pad(received, pad)  # (2, B, Hk, n, D)
+        return grads[0], grads[1], None
+
+
+def _exchange(sent: torch.Tensor, to: int, received: torch.Tensor, source: int, group) -> None:
+    """Send `sent` to rank `to` while receiving `received` from rank `source`; an empty tensor is not sent."""
+    ops = []
+    if sent.numel():
+        ops.append(dist.P2POp(dist.isend, sent, to, group))
+    if received.numel():
+        ops.append(dist.P2POp(dist.irecv, received, source, group))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+def _group_ids(layout: S2Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) for each half: one integer per (document, group), unique in its row."""
+    n, group = layout.seq_len, layout.group_size
+    index = torch.arange(n, device=layout.valid.device).expand_as(layout.local)  # (B, N)
+    if layout.groups is not None:
+        halves = layout.groups
+    elif layout.shift == "roll":  # regular rows: the shifted half's groups are those of the row rolled by -G/2
+        halves = (index // group, ((index - group // 2) % n) // group)
+    else:
+        halves = (layout.local // group, layout.group_of(0 if layout.shift == "none" else group // 2))
+    return tuple(layout.doc * (n + 1) + ids for ids in halves)
+
+
+def shard_layout(layout: S2Layout, parallel: ContextParallel) -> S2Layout:
+    """The layout of this rank's shard of `layout` (the whole rows), with the halo lengths every rank agrees on.
+
+    Raises:
+        `ValueError`: N is not a multiple of P, or a group would span more than two ranks (with the fix named).
+    """
+    size, rank = parallel.size, parallel.rank
+    n_total, group = layout.seq_len, layout.group_size
+    if n_total % size:
+        raise ValueError(
+            f"context_parallel_size={size} must divide the row length: rows of {n_total} tokens do not split evenly. "
+            f"Pad rows to a multiple of {size} (the collator's pad_to_multiple_of), or choose max_length accordingly."
+        )
+    length = n_total // size
+    if group // 2 > length:
+        raise ValueError(
+            f"context_parallel_size={size} leaves {length} tokens per rank, fewer than half an S² group "
+            f"(s2_group_size={group}): a group would span more than two ranks. Use a context_parallel_size of at most "
+            f"{max(1, 2 * n_total // group)}, or a smaller s2_group_size."
+        )
+    ids = _group_ids(layout)  # per half (B, N)
+    rank_of = torch.arange(n_total, device=layout.valid.device) // length  # (N,)
+    _check_spans(ids, layout.valid, rank_of, size, layout.shift == "roll", group)
+    cyclic = layout.shift == "roll"
+    halos = [_halo(ids, layout.valid, r, length, size, cyclic) for r in range(size)]
+    halo_in, halo_out = halos[rank], halos[(rank + 1) % size]
+    start = rank * length
+    window_index = torch.arange(start - halo_in, start + length, device=layout.valid.device) % n_total  # (h + n,)
+    groups = tuple(_dense(ids_half[:, window_index]) for ids_half in ids)
+    valid = layout.valid[:, window_index]
+    window = S2Layout(
+        group,
+        "segments",  # the groups are given: nothing is rolled or shifted on the window
+        False,
+        valid,
+        torch.zeros_like(layout.doc[:, window_index]),
+        layout.local[:, window_index],
+        empty=not bool(valid.any()),
+        groups=groups,
+    )
+    shard = _ContextShard(parallel, start, length, halo_in, halo_out, window)
+    own = slice(start, start + length)
+    return replace(
+        layout,
+        valid=layout.valid[:, own],
+        doc=layout.doc[:, own],
+        local=layout.local[:, own],
+        regular=False,
+        groups=None,
+        shard=shard,
+        _derived={},
+    )
+
+
+def _dense(ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) ids renumbered 0, 1, ... within each row (equal stays equal), so they fit the window's arithmetic."""
+    return torch.stack([torch.unique(row, return_inverse=True)[1] for row in ids])
+
+
+def _halo(ids, valid, rank: int, length: int, size: int, cyclic: bool) -> int:
+    """How many of the previous rank's last tokens share a (document, group) with rank `rank`'s real tokens."""
+    if rank == 0 and not cyclic:
+        return 0
+    previous = (rank - 1) % size
+    own = slice(rank * length, (rank + 1) * length)
+    before = slice(previous * length, (previous + 1) * length)
+    first = length
+    for ids_half in ids:
+        for row in range(ids_half.shape[0]):
+            mine = ids_half[row, own][valid[row, own]]
+            needed = torch.isin(ids_half[row, before], mine) & valid[row, before]  # (n,)
+            if bool(needed.any()):
+                first = min(first, int(needed.nonzero()[0]))
+    return length - first
+
+
+def _check_spans(ids, valid, rank_of, size: int, cyclic: bool, group: int) -> None:
+    """Every group's real tokens lie on one rank or two neighbours (cyclically under the roll)."""
+    for ids_half in ids:
+        for row in range(ids_half.shape[0]):
+            real = valid[row]
+            pairs = torch.unique(ids_half[row][real] * size + rank_of[real])  # one per (group, rank)
+            groups, ranks = pairs // size, pairs % size
+            _, counts = torch.unique_consecutive(groups, return_counts=True)
+            spans = torch.split(ranks, counts.tolist())
+            for ranks_of_group in spans:
+                low, high = int(ranks_of_group[0]), int(ranks_of_group[-1])
+                neighbours = high - low <= 1 or (cyclic and len(ranks_of_group) == 2 and (low, high) == (0, size - 1))
+                if len(ranks_of_group) > 2 or not neighbours:
+                    raise ValueError(
+                        f"context_parallel_size={size}: an S² group of up to {group} tokens spans ranks "
+                        f"{ranks_of_group.tolist()}, but a shard only receives keys and values from the rank before "
+                        "it. Use fewer ranks (longer shards) or a smaller s2_group_size."
+                    )

@@ -1,0 +1,88 @@
+"""S²-aware context parallelism: each row's tokens split over P ranks, with a halo exchange of keys and values.
+
+The exactness proof runs in 2 and 4 processes over gloo (`tests/cp_worker.py`): outputs, gradients, a model's loss
+and every parameter's gradient equal the single-process S² run, for segments and roll, GQA/MQA, remainder groups,
+padding and packing, on the sdpa, eager and flash (stand-in) paths. The refusals are checked here, in one process."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from longlora_hub.remote_code.s2_attention import build_s2_layout
+from longlora_hub.remote_code.s2_context_parallel import shard_layout
+
+from .helpers import HANG_TIMEOUT_S
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_sharded_s2_equals_the_single_process_run(ranks):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={ranks}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        str(ROOT / "tests" / "cp_worker.py"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=HANG_TIMEOUT_S, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    # the ranks' lines may interleave on the shared stdout
+    assert sorted(int(rank) for rank in re.findall(r"rank (\d+) ok", result.stdout)) == list(range(ranks))
+
+
+class Ranks:
+    """A stand-in for `ContextParallel` in one process: the size and rank a shard is laid out for (no messages are
+    sent while laying out)."""
+
+    def __init__(self, size: int, rank: int = 0):
+        self.size, self.rank = size, rank
+
+    def global_rank(self, rank: int) -> int:
+        return rank
+
+
+def test_the_halo_is_half_a_group_whatever_the_length():
+    """N/P a multiple of G: the unshifted groups stay on one rank, each shifted one starts G/2 before a boundary."""
+    for seq_len, size in ((1024, 4), (4096, 8), (4096, 2)):
+        layout = build_s2_layout(seq_len, 1, 64, "segments")
+        for rank in range(size):
+            shard = shard_layout(layout, Ranks(size, rank)).shard
+            assert (shard.halo_in, shard.halo_out) == (32 * (rank > 0), 32 * (rank < size - 1))
+    # the roll wraps the row's end onto its start: rank 0 receives from the last rank
+    shard = shard_layout(build_s2_layout(1024, 1, 64, "roll"), Ranks(4, 0)).shard
+    assert (shard.halo_in, shard.halo_out) == (32, 32)
+
+
+def test_rows_that_do_not_split_evenly_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"context_parallel_size=4 must divide.*66 tokens.*multiple of 4"):
+        shard_layout(build_s2_layout(66, 1, 8), Ranks(4))
+
+
+def test_shards_shorter_than_half_a_group_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"8 tokens per rank, fewer than half an S² group.*at most 4"):
+        shard_layout(build_s2_layout(64, 1, 32), Ranks(8))
+
+
+def test_a_group_across_three_ranks_is_refused():
+    """Padding inside a row can stretch one group over three shards: refused, not computed wrong."""
+    pad = torch.ones(1, 64, dtype=torch.long)
+    pad[0, 18:46] = 0  # a group of 16 real tokens now runs from token 10 to token 53
+    with pytest.raises(ValueError, match=r"spans ranks \[\d, \d, \d\].*Use fewer ranks"):
+        shard_layout(build_s2_layout(64, 1, 16, padding_mask=pad), Ranks(4))
