@@ -115,6 +115,13 @@ class LongLoRAArguments:
         default="segments",
         metadata={"help": "segments (leak-free), roll (the paper's) or none (no shift: the ablation)."},
     )
+    context_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "Split each row's tokens over this many processes (S²-aware context parallelism: each layer "
+            "exchanges a halo of G/2 tokens' keys and values with the next process); data parallel over the rest."
+        },
+    )
 
 
 @dataclass
@@ -213,6 +220,7 @@ def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data
             f"max_length={length} is above context_length={model_args.context_length}: the model would see positions "
             "it was not extended to. Raise context_length or lower max_length."
         )
+    _check_context_parallel(ll_args, training_args, length)
     if ll_args.stage == "longqa" and data_args.keep_documents_apart:
         raise ValueError("keep_documents_apart applies to the extend stage only.")
     if data_args.keep_documents_apart and ll_args.s2_attention and ll_args.s2_shift == "roll":
@@ -227,6 +235,118 @@ def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data
         )
     training_args.resume_from_checkpoint = resume_checkpoint(
         training_args.resume_from_checkpoint, training_args.output_dir
+    )
+
+
+def _check_context_parallel(ll_args: LongLoRAArguments, training_args, length: int) -> None:
+    """`context_parallel_size` against the launch, `max_length` and the S² group (see
+    `longlora_hub.remote_code.s2_context_parallel`)."""
+    import os
+
+    size = ll_args.context_parallel_size
+    if size < 1:
+        raise ValueError(f"context_parallel_size must be at least 1, got {size}; 1 trains every row on one process.")
+    if size == 1:
+        return
+    if not ll_args.s2_attention:
+        raise ValueError(
+            "context_parallel_size > 1 splits rows at S²-Attn's groups, but s2_attention is false (full attention "
+            "needs every key on every process): set s2_attention: true, or context_parallel_size: 1."
+        )
+    if length % size:
+        raise ValueError(
+            f"max_length={length} must be a multiple of context_parallel_size={size}, so that every process holds "
+            f"as many tokens of a row: use max_length: {length - length % size or size}."
+        )
+    group = ll_args.s2_group_size or s2_group_size(length, None, ll_args.s2_group_size_ratio)
+    if group // 2 > length // size:
+        raise ValueError(
+            f"context_parallel_size={size} leaves {length // size} tokens of a row per process, fewer than half an "
+            f"S² group ({group} tokens): use a context_parallel_size of at most {2 * length // group}."
+        )
+    if ll_args.stage == "longqa":  # rows are padded to the batch's longest: keep that length a multiple of P
+        if training_args.pad_to_multiple_of is None:
+            training_args.pad_to_multiple_of = size
+        elif training_args.pad_to_multiple_of % size:
+            raise ValueError(
+                f"pad_to_multiple_of={training_args.pad_to_multiple_of} must be a multiple of "
+                f"context_parallel_size={size}: padded rows must split evenly over the processes."
+            )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % size:
+        raise ValueError(
+            f"context_parallel_size={size} must divide the number of processes, {world}: launch a multiple of {size} "
+            f"processes (accelerate launch --num_processes {size * max(1, world // size)})."
+        )
+
+
+def enable_context_parallel(model, size: int):
+    r"""
+    Split every row's tokens over `size` processes during S² training: the processes are grouped in blocks of
+    `size` consecutive ranks, and the model (LlamaLongLoRA, under PEFT or not) is given its group.
+
+    Returns:
+        The `ContextParallel` of this process's group, or `None` when `size` is 1.
+    """
+    if size == 1:
+        return None
+    import torch.distributed as dist
+
+    from .remote_code.s2_context_parallel import ContextParallel
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for start in range(0, world, size):  # every process creates every group, in the same order
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= rank < start + size:
+            mine = group
+    parallel = ContextParallel(mine)
+    holders = [module for module in model.modules() if hasattr(module, "s2_context_parallel")]
+    if not holders:
+        raise ValueError(
+            "context_parallel_size > 1 needs the LlamaLongLoRA architecture (its attention exchanges the halo); this "
+            f"model is a {type(model).__name__}."
+        )
+    for module in holders:
+        module.s2_context_parallel = parallel
+    return parallel
+
+
+def add_shard_labels(batch: dict, parallel) -> dict:
+    """`batch` with `shift_labels` for this process's shard of its rows, beside the whole rows' `labels`: the
+    convention of transformers' and TRL's context parallelism (labels shifted before the rows are cut, so the label of
+    a shard's last token, the next shard's first token, is kept). Trainer then counts the tokens of each shard once,
+    and TRL's fused LM head scores this shard's hidden states against them."""
+    import torch.nn.functional as F
+
+    labels = batch.get("shift_labels")
+    if labels is None:
+        labels = F.pad(batch["labels"], (0, 1), value=-100)[:, 1:]  # (B, N)
+    length = labels.shape[1] // parallel.size
+    batch["shift_labels"] = labels[:, parallel.rank * length : (parallel.rank + 1) * length].contiguous()  # (B, n)
+    return batch
+
+
+def share_batches_within_context_groups(dataloader, size: int):
+    """The processes of one context-parallel group must read the same batches (each trains on its part of the same
+    rows): accelerate's shard of the train dataloader is set to one shard per group instead of per process, the way
+    transformers' Trainer re-shards a rank-aware sampler."""
+    if size == 1:
+        return dataloader
+    from accelerate import PartialState
+    from accelerate.data_loader import BatchSamplerShard, IterableDatasetShard
+
+    state = PartialState()
+    for shard in (getattr(dataloader, "batch_sampler", None), getattr(dataloader, "dataset", None)):
+        if isinstance(shard, BatchSamplerShard | IterableDatasetShard):
+            shard.num_processes = state.num_processes // size
+            shard.process_index = state.process_index // size
+            return dataloader
+    if state.num_processes == size:  # one group: every process reads every batch already
+        return dataloader
+    raise RuntimeError(
+        "context_parallel_size: the train dataloader was not sharded by accelerate as expected, so the processes of "
+        "a context-parallel group would read different rows; report this with your accelerate version."
     )
 
 
@@ -806,12 +926,15 @@ __all__ = [
     "build_dataset",
     "check_arguments",
     "conversion_record",
+    "add_shard_labels",
     "data_collator",
+    "enable_context_parallel",
     "load_data",
     "load_model_and_tokenizer",
     "peft_config",
     "prepare_base",
     "read_conversion_record",
     "resume_checkpoint",
+    "share_batches_within_context_groups",
     "write_run_record",
 ]

@@ -30,15 +30,39 @@ from longlora_hub.training import (
     LongLoRAArguments,
     ModelArguments,
     TokensPerSecondCallback,
+    add_shard_labels,
     build_dataset,
     check_arguments,
     data_collator,
+    enable_context_parallel,
     load_data,
     load_model_and_tokenizer,
     peft_config,
     prepare_base,
+    share_batches_within_context_groups,
     write_run_record,
 )
+
+
+class LongLoRATrainer(SFTTrainer):
+    """TRL's `SFTTrainer`; with `context_parallel_size` > 1, each row's tokens are split over that many processes
+    (see `longlora_hub.remote_code.s2_context_parallel`): the processes of one group read the same batches, each with
+    the labels of its shard."""
+
+    def __init__(self, *args, context_parallel_size: int = 1, **kwargs):
+        self.context_parallel_size = context_parallel_size
+        super().__init__(*args, **kwargs)
+        self.context_parallel = enable_context_parallel(self.model, context_parallel_size)
+
+    def get_train_dataloader(self):
+        collate, parallel = self.data_collator, self.context_parallel
+        if parallel is not None:  # the training batches only: evaluation runs whole rows with full attention
+            self.data_collator = lambda examples: add_shard_labels(collate(examples), parallel)
+        try:
+            dataloader = super().get_train_dataloader()
+        finally:
+            self.data_collator = collate
+        return share_batches_within_context_groups(dataloader, self.context_parallel_size)
 
 
 def main(argv: list[str] | None = None) -> SFTTrainer:
@@ -59,7 +83,7 @@ def prepare(argv: list[str] | None = None) -> tuple[SFTTrainer, Path, tuple]:
         model, tokenizer = load_model_and_tokenizer(base, model_args, ll_args, data_args, training_args.max_length)
         dataset = build_dataset(data_args, ll_args, tokenizer, training_args.max_length, raw)
 
-    trainer = SFTTrainer(
+    trainer = LongLoRATrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
@@ -67,6 +91,7 @@ def prepare(argv: list[str] | None = None) -> tuple[SFTTrainer, Path, tuple]:
         processing_class=tokenizer,
         peft_config=peft_config(ll_args),
         callbacks=[TokensPerSecondCallback()],
+        context_parallel_size=ll_args.context_parallel_size,
     )
     return trainer, base, (model_args, ll_args, data_args, training_args)
 

@@ -4,8 +4,9 @@
     accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml tests/dist_worker.py \
         --config recipes/configs/tiny/extend.yaml --output_dir /tmp/run --max_steps 4 ...
 
-Each rank saves `{output_dir}/rank{R}.pt` = {"rank", "world_size", "backend", "distributed_type", "weights": {name:
-tensor}} with the trainable parameters of its (unwrapped) PEFT model, then prints `rank R done`.
+Each rank saves `{output_dir}/rank{R}.pt` = {"rank", "world_size", "backend", "distributed_type", "train_row_lengths",
+"weights": {name: tensor}} with the trainable parameters of its (unwrapped) PEFT model and the lengths of the rows its
+embedding saw in training, then prints `rank R done`.
 """
 
 import importlib.util
@@ -26,7 +27,15 @@ def main(argv: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
-    trainer = load_recipe().main(argv)
+    recipe = load_recipe()
+    trainer, base, arguments = recipe.prepare(argv)
+    # the row lengths the model is fed while training: a shard's under context parallelism, else a whole row's
+    lengths = set()
+    embedding = trainer.model.get_input_embeddings()
+    embedding.register_forward_pre_hook(
+        lambda module, inputs: lengths.add(inputs[0].shape[-1]) if module.training else None
+    )
+    recipe.train(trainer, base, arguments)
     args = trainer.args
     distributed = dist.is_available() and dist.is_initialized()
     record = {
@@ -34,6 +43,7 @@ def main(argv: list[str]) -> None:
         "world_size": dist.get_world_size() if distributed else 1,
         "backend": dist.get_backend() if distributed else None,
         "distributed_type": str(trainer.accelerator.distributed_type),
+        "train_row_lengths": sorted(lengths),
         "weights": {
             name: param.detach().cpu().clone()
             for name, param in trainer.model.named_parameters()

@@ -86,3 +86,55 @@ def test_a_group_across_three_ranks_is_refused():
     pad[0, 18:46] = 0  # a group of 16 real tokens now runs from token 10 to token 53
     with pytest.raises(ValueError, match=r"spans ranks \[\d, \d, \d\].*Use fewer ranks"):
         shard_layout(build_s2_layout(64, 1, 16, padding_mask=pad), Ranks(4))
+
+
+def run_recipe(out: Path, launcher: list[str], *extra: str) -> dict:
+    """The tiny extend recipe through tests/dist_worker.py; returns rank 0's record (its trainable weights and the
+    row lengths its model was fed)."""
+    command = [
+        *launcher,
+        str(ROOT / "tests" / "dist_worker.py"),
+        "--config",
+        str(ROOT / "recipes" / "configs" / "tiny" / "extend.yaml"),
+        "--output_dir",
+        str(out),
+        "--max_length",
+        "512",
+        "--context_length",
+        "512",
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "3",
+        "--logging_steps",
+        "1",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S, start_new_session=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return torch.load(out / "rank0.pt")
+
+
+@pytest.mark.slow
+def test_recipe_with_context_parallel_size_2_trains_the_single_process_adapter(tmp_path):
+    """`context_parallel_size: 2` on 2 processes (gloo): both read the same rows, each trains on its half of them
+    with the halo exchange, and after 3 steps the adapter is the one a single process trains on whole rows."""
+    single = run_recipe(tmp_path / "single", [sys.executable])
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    sharded = run_recipe(
+        tmp_path / "cp2",
+        [*accelerate, str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml")],
+        "--context_parallel_size",
+        "2",
+    )
+    # each process fed its model half of every 512-token row
+    assert (single["train_row_lengths"], sharded["train_row_lengths"]) == ([512], [256])
+    single, sharded = single["weights"], sharded["weights"]
+    assert single.keys() == sharded.keys() and single
+    for name, weight in single.items():
+        torch.testing.assert_close(sharded[name], weight, atol=1e-5, rtol=0, msg=name)

@@ -67,6 +67,19 @@ def documents(path: Path, count: int = 6) -> Path:
         ("", ("extra.yaml",), SystemExit, "pass the YAML as --config FILE"),
         ("", ("--resume_from_checkpoint", "true"), ValueError, "holds no checkpoint-N folder to resume from"),
         ("", ("--resume_from_checkpoint", "/no/such/run/checkpoint-9"), ValueError, "no checkpoint folder at /no/such"),
+        ("", ("--context_parallel_size", "0"), ValueError, "context_parallel_size must be at least 1, got 0"),
+        (
+            "s2_attention: false",
+            ("--context_parallel_size", "2"),
+            ValueError,
+            "s2_attention is false.*set s2_attention",
+        ),
+        (
+            "",
+            ("--context_parallel_size", "2"),
+            ValueError,
+            r"must divide the number of processes, 1.*--num_processes 2",
+        ),
     ],
 )
 def test_configuration_errors_name_the_fix_before_anything_is_written(tmp_path, yaml, overrides, error, message):
@@ -76,6 +89,36 @@ def test_configuration_errors_name_the_fix_before_anything_is_written(tmp_path, 
     if error is SystemExit and "Unknown" in message:
         assert "Valid keys: " in str(raised.value) and "lora_alpha" in str(raised.value)
     assert not out.exists()  # nothing converted, downloaded or written
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (("--max_length", "510"), r"max_length=510 must be a multiple of context_parallel_size=4.*max_length: 508"),
+        (("--s2_group_size", "384"), r"128 tokens of a row per process, fewer than half an S² group.*at most 2"),
+    ],
+)
+def test_context_parallel_settings_that_cannot_split_rows(tmp_path, overrides, message):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        run(out, "--context_parallel_size", "4", "--context_length", "1024", "--max_length", "512", *overrides)
+    assert not out.exists()
+
+
+def test_context_parallel_pads_longqa_rows_to_a_multiple_of_its_size():
+    from longlora_hub.training import check_arguments
+
+    args = sft.TrlParser((ModelArguments, LongLoRAArguments, DataArguments, sft.SFTConfig)).parse_yaml_file(TINY_LONGQA)
+    model_args, ll_args, data_args, training_args = args
+    ll_args.context_parallel_size = 2
+    training_args.output_dir = "/nonexistent/run"
+    # a single process: the last check (the number of processes) refuses, after the padding was set
+    with pytest.raises(ValueError, match="must divide the number of processes"):
+        check_arguments(model_args, ll_args, data_args, training_args)
+    assert training_args.pad_to_multiple_of == 2
+    training_args.pad_to_multiple_of = 3
+    with pytest.raises(ValueError, match="pad_to_multiple_of=3 must be a multiple of context_parallel_size=2"):
+        check_arguments(model_args, ll_args, data_args, training_args)
 
 
 def test_a_lone_string_where_a_list_is_expected_is_a_one_item_list(tmp_path):

@@ -146,29 +146,42 @@ class LlamaLongLoRAForCausalLM(LlamaLongLoRAPreTrainedModel, LlamaForCausalLM):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, labels=None, **kwargs):
-        """`LlamaForCausalLM.forward`; under context parallelism (S² training with `s2_context_parallel`), the
-        logits are this rank's shard's and the loss is scaled so that its mean over the ranks, and the mean of the
-        gradients (what DDP, FSDP and DeepSpeed all-reduce), are those of the whole rows."""
+        """`LlamaForCausalLM.forward`; under context parallelism (S² training with `s2_context_parallel`) the logits
+        are this rank's shard's, and so is the loss.
+
+        Labels come as `labels` of the whole rows, or as `shift_labels` (already shifted) of the whole rows or of this
+        shard (the convention of transformers' and TRL's context parallelism). The loss is scaled so that its mean
+        over the ranks, and the mean of the gradients (what DDP, FSDP and DeepSpeed all-reduce), are those of the
+        whole rows; given `num_items_in_batch` counted over the shards' labels (as Trainer counts them), it is the
+        shard's share of that count.
+        """
         if "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
         parallel = kwargs.get("s2_context_parallel") or self.model.s2_context_parallel
-        if labels is None or parallel is None or parallel.size == 1 or not self.model.s2_active(cache):
+        active = parallel is not None and parallel.size > 1 and self.model.s2_active(cache)
+        if not active or (labels is None and "shift_labels" not in kwargs):
             return super().forward(input_ids, attention_mask, position_ids, cache, labels=labels, **kwargs)
-        # the label of a shard's last token is the first token of the next shard: shift the whole rows first
         shift_labels = kwargs.pop("shift_labels", None)
-        if shift_labels is None:
-            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, N)
         count = kwargs.pop("num_items_in_batch", None)
-        if count is None:
-            count = (shift_labels != -100).sum()
         outputs = super().forward(input_ids, attention_mask, position_ids, cache, **kwargs)
-        length = outputs.logits.shape[1]
-        own = shift_labels[:, parallel.rank * length : (parallel.rank + 1) * length].contiguous()  # (B, n)
-        loss = self.loss_function(
-            logits=outputs.logits, labels=None, shift_labels=own, vocab_size=self.config.vocab_size,
+        length, rank = outputs.logits.shape[1], parallel.rank
+        if shift_labels is None:  # the label of a shard's last token is the next shard's first: shift whole rows
+            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, N)
+        scale = parallel.size  # the ranks average: each contributes its part of the whole rows' loss, times P
+        if shift_labels.shape[1] != length:  # the whole rows', the same on every rank
+            count = (shift_labels != -100).sum() if count is None else count
+            shift_labels = shift_labels[:, rank * length : (rank + 1) * length]  # (B, n)
+        elif count is None:  # this shard's: the rows' count is the group's sum
+            count = parallel.sum((shift_labels != -100).sum())
+        else:  # this shard's, counted over every rank's shard (Trainer): the count already spans the ranks
+            scale = 1
+        outputs.loss = scale * self.loss_function(
+            logits=outputs.logits,
+            labels=None,
+            shift_labels=shift_labels.contiguous(),
+            vocab_size=self.config.vocab_size,
             num_items_in_batch=count,
-        )  # fmt: skip
-        outputs.loss = loss * parallel.size  # this shard's share of the rows' mean, times P (the ranks average)
+        )
         return outputs
 
 

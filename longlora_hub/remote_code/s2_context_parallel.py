@@ -46,6 +46,12 @@ class ContextParallel:
         """The default-group rank of the group's `rank`-th member (point-to-point ops address those)."""
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the group's ranks (a copy)."""
+        total = tensor.clone()
+        dist.all_reduce(total, group=self.group)
+        return total
+
 
 @dataclass
 class _ContextShard:
