@@ -69,14 +69,19 @@ def _model_options(command: Callable) -> Callable:
             "models need no flag.",
         ),
         click.option(
-            "--device", default="auto", show_default=True, help="auto (CUDA if available, else CPU), cpu, cuda:0, ..."
+            "--device",
+            default="auto",
+            show_default=True,
+            help='auto: the GPUs when CUDA is there (device_map="auto": a model too large for one GPU is split over '
+            "all of them, and CPU memory after that), else the CPU; or one device: cpu, cuda, cuda:1, mps.",
         ),
         click.option(
             "--dtype",
             type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
             default="auto",
             show_default=True,
-            help="auto: bfloat16 on a GPU, float32 on the CPU.",
+            help="auto: the checkpoint's own dtype (its config's dtype, as transformers' dtype=\"auto\"), so a "
+            "bfloat16 checkpoint is evaluated in bfloat16 on any device.",
         ),
         click.option(
             "--attn-implementation",
@@ -129,10 +134,12 @@ def _check_plot(path: str, output: str | None) -> None:
     target = _check_writable(path, "--plot")
     if output and target.resolve() == Path(output).expanduser().resolve():
         raise click.ClickException(f"--plot and --output are both {path}; pass two different files.")
+    from .evaluation.report import figure_class
+
     try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise click.ClickException("--plot needs matplotlib: `pip install matplotlib`, or leave out --plot.") from None
+        Figure = figure_class("--plot")
+    except ImportError as error:
+        raise click.ClickException(f"{error} Or leave out --plot.") from None
     formats = Figure().canvas.get_supported_filetypes()
     if target.suffix.lower().removeprefix(".") not in formats:
         raise click.ClickException(
@@ -276,6 +283,8 @@ def ppl(
         raise _fail(error) from error
     settings = {
         "data": data,
+        # a dataset folder or Hub dataset: what `load_dataset` was given, for the model card's model-index
+        **({"split": split, "data_config": data_config} if not Path(data).expanduser().is_file() else {}),
         "data_tokens": len(tokens),
         "lengths": seq_lens,
         "stride": stride,

@@ -139,7 +139,8 @@ def build_command(repo_id: str | None, private: bool, **options) -> None:
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repository private.")
 def push_command(output: str, repo_id: str, private: bool) -> None:
-    """Push the LongQA build in OUTPUT to the Hub dataset repository REPO_ID (splits, card, stats, histogram)."""
+    """Push the LongQA build in OUTPUT to the Hub dataset repository REPO_ID in one commit: its parquet shards as
+    written, the card (whose `configs` map the splits), stats.json and the histogram."""
     from .longqa.build import LongQAPushError, push_longqa
 
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -435,6 +436,82 @@ def _eval_section(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+PROTOCOL_LABELS = {"longlora": "LongLoRA windows", "press": "sliding window"}
+PASSKEY_DATASET = ("passkey", "passkey retrieval (synthetic)")
+
+
+def _perplexity_dataset(result: dict[str, Any], public: dict[str, Any]) -> dict[str, Any]:
+    """The model-index `dataset` of a perplexity result: a Hub dataset by its id (with the config and split it was
+    loaded with), a local file by its name without suffix (`pg19_test.bin` -> `pg19_test`)."""
+    data = str(public.get("data") or "unknown")
+    if is_local_path(result.get("data")):
+        name = data.rsplit(".", 1)[0] if "." in data.lstrip(".") else data
+        return {"dataset_type": name, "dataset_name": name}
+    return {
+        "dataset_type": data,
+        "dataset_name": data,
+        "dataset_config": public.get("data_config"),
+        "dataset_split": public.get("split"),
+    }
+
+
+def model_index(results: dict[str, dict[str, Any]]) -> list[Any]:
+    r"""
+    The card's `model-index`, as `huggingface_hub.EvalResult`s: one per length of every evaluation result, in the
+    order of the files. Perplexity: `metric_type` "perplexity", named by length, data and protocol ("perplexity @
+    8192 (proof-pile, sliding window)"), with the protocol as `metric_config` and the length and stride in
+    `metric_args`. Passkey: `metric_type` "accuracy", the fraction of keys retrieved at each prompt length. The
+    values are the JSON's numbers as they are; task `text-generation`.
+    """
+    from huggingface_hub import EvalResult
+
+    evals = []
+    for result in results.values():
+        public = public_fields(result)[0]
+        if result.get("task") == "perplexity":
+            dataset = _perplexity_dataset(result, public)
+            protocol = str(result.get("protocol"))
+            label = PROTOCOL_LABELS.get(protocol, protocol) + (", S²-Attn" if result.get("s2") else "")
+            for row in result.get("results") or []:
+                value = row.get("perplexity")
+                if not isinstance(value, int | float) or not math.isfinite(value):
+                    continue
+                arguments = {"seq_len": row["seq_len"], "stride": row.get("stride", result.get("stride"))}
+                evals.append(
+                    EvalResult(
+                        task_type="text-generation",
+                        task_name="Long-context language modeling",
+                        **dataset,
+                        metric_type="perplexity",
+                        metric_value=value,
+                        metric_name=f"perplexity @ {row['seq_len']} ({dataset['dataset_name']}, {label})",
+                        metric_config=protocol,
+                        metric_args={key: item for key, item in arguments.items() if item is not None},
+                    )
+                )
+        elif result.get("task") == "passkey":
+            accuracy = (result.get("results") or {}).get("accuracy") or {}
+            for length in result.get("lengths") or []:
+                value = accuracy.get(str(length))
+                if not isinstance(value, int | float) or not math.isfinite(value):
+                    continue
+                evals.append(
+                    EvalResult(
+                        task_type="text-generation",
+                        task_name="Passkey retrieval",
+                        dataset_type=PASSKEY_DATASET[0],
+                        dataset_name=PASSKEY_DATASET[1],
+                        metric_type="accuracy",
+                        metric_value=value,
+                        metric_name=f"passkey accuracy @ {length}",
+                        metric_args={"prompt_tokens": int(length), "trials": result.get("trials")}
+                        if result.get("trials") is not None
+                        else {"prompt_tokens": int(length)},
+                    )
+                )
+    return evals
+
+
 def _usage(kind: str, repo_id: str, base_model: str | None, config: dict[str, Any]) -> str:
     rope = read_rope(config)
     rope_arg = {key: rope[key] for key in ("rope_type", "factor", "rope_theta") if key in rope}
@@ -480,8 +557,9 @@ so fine-tuning can continue with the same class (`model.train()`)."""
 def model_card(folder: Path, kind: str, repo_id: str, base_model: str | None = None) -> tuple[str, str | None]:
     r"""
     The README.md of the pushed repository: YAML metadata (`base_model`, `base_model_relation`, `library_name`,
-    `pipeline_tag`, tags, datasets, license) and a body with the context, RoPE, S² settings, trainable modules,
-    training summary, evaluation tables and a usage snippet. Deterministic (no dates), so an unchanged folder
+    `pipeline_tag`, tags, datasets, license, and the evaluation results as `model-index`: [`model_index`]) and a
+    body with the context, RoPE, S² settings, trainable modules, training summary, evaluation tables and a usage
+    snippet. Deterministic (no dates), so an unchanged folder
     gives an unchanged card.
 
     Returns:
@@ -503,6 +581,8 @@ def model_card(folder: Path, kind: str, repo_id: str, base_model: str | None = N
     )
     lora = adapter_config or record.get("adapter_config") or {}
     modules_to_save = adapter_config.get("modules_to_save") or record.get("modules_to_save") or []
+    results = eval_results(folder)
+    evals = model_index(results)
     data = ModelCardData(
         base_model=base_model,
         base_model_relation="adapter" if kind == "adapter" else "finetune",
@@ -511,6 +591,9 @@ def model_card(folder: Path, kind: str, repo_id: str, base_model: str | None = N
         tags=[*TAGS, "lora" if lora else "llama", *(["custom_code"] if kind == "llama_longlora" else [])],
         datasets=record.get("datasets") or None,
         license=_license(folder, base_folder),
+        # the Hub shows these on the model page and in leaderboards; the Markdown tables below stay for readers
+        model_name=repo_id.split("/")[-1] if evals else None,
+        eval_results=evals or None,
     )
     rope = read_rope(config) if config else {}
     length = config.get("max_position_embeddings")
@@ -560,7 +643,7 @@ def model_card(folder: Path, kind: str, repo_id: str, base_model: str | None = N
         f"Position Interpolation, {method}. Made with longlora-hub.\n",
         "## Model details\n\n" + _table(details) + "\n",
         _training_section(record, _trainer_state(folder)),
-        _eval_section(eval_results(folder)),
+        _eval_section(results),
         "## Usage\n\n" + _usage(kind, repo_id, base_model, config) + "\n",
         "## Citation\n\n```bibtex\n" + CITATION + "\n```\n",
     ]
@@ -787,6 +870,7 @@ __all__ = [
     "find_model_folder",
     "is_local_path",
     "model_card",
+    "model_index",
     "plan_push",
     "push_folder",
 ]

@@ -140,6 +140,9 @@ class UnigramLM(torch.nn.Module):
             last_hidden_state=torch.ones(*input_ids.shape, 1, device=input_ids.device)
         )
 
+    def forward(self, input_ids, **kwargs):  # what the check of the chunked loss compares with
+        return SimpleNamespace(logits=self.lm_head(self.model(input_ids).last_hidden_state))
+
 
 def test_protocols_on_known_losses():
     probs = [0.1, 0.2, 0.3, 0.4]
@@ -408,7 +411,8 @@ def test_cli_passkey_writes_json_and_heatmap(tmp_path, longlora_dir):
     assert "| Length (tokens) | depth 0% | depth 50% | depth 100% | all |" in result.output
 
     again = tmp_path / "again.json"
-    assert invoke("passkey", longlora_dir, *args[:-1], again).exit_code == 0
+    rerun = invoke("passkey", longlora_dir, *args[:-1], again)
+    assert rerun.exit_code == 0, rerun.output
     assert json.loads(again.read_text())["results"] == report["results"]  # same seed, same numbers
 
 
@@ -609,3 +613,206 @@ def test_passkey_prompts_are_built_as_the_run_goes(tokenizer, monkeypatch):
     with pytest.raises(FirstTrial):
         run_passkey(StopAtFirstGenerate(), tokenizer, [256], trials=300, batch_size=2, device="cpu", progress=False)
     assert len(built) == 2  # the first batch's prompts only
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# plots: matplotlib's own Figure, every depth bin, an optional extra
+
+
+def _binned_result(depths_hit: list[float], lengths=(256, 512), bins: int = 5) -> dict:
+    """A passkey result with random depths in `bins` bins, one trial per depth in `depths_hit` at each length."""
+    from longlora_hub.evaluation.passkey import summarize_passkey
+
+    records = [
+        {"length": length, "depth": depth, "correct": index % 2 == 0, "prompt_tokens": length}
+        for length in lengths
+        for index, depth in enumerate(depths_hit)
+    ]
+    summary = summarize_passkey(records, list(lengths), None, bins)
+    return {"task": "passkey", "model": "m", "lengths": list(lengths), "depths": None, "depth_bins": bins,
+            "trials": len(depths_hit), "results": summary}  # fmt: skip
+
+
+def test_heatmap_draws_every_depth_bin_and_marks_the_empty_ones():
+    from longlora_hub.evaluation.report import passkey_grid, passkey_heatmap_figure
+
+    result = _binned_result([0.05, 0.3, 0.35, 0.7, 0.95])  # no trial in 40%-60%
+    assert {cell["depth"] for cell in result["results"]["cells"]} == {0.1, 0.3, 0.7, 0.9}  # the JSON: no empty cell
+    lengths, labels, grid = passkey_grid(result)
+    assert labels == ["0%–20%", "20%–40%", "40%–60%", "60%–80%", "80%–100%"]
+    assert grid[2] == [None, None] and grid[1] == [0.5, 0.5] and grid[0] == [1.0, 1.0]
+    table = markdown_table(result)
+    assert (
+        "| depth 20%–40% | depth 40%–60% | depth 60%–80% |" in table
+        and "| 256 | 100% | 50% | – | 0% | 100% | 60% |" in table
+    )
+
+    figure = passkey_heatmap_figure(result)
+    axes = figure.axes[0]
+    assert [tick.get_text() for tick in axes.get_yticklabels()] == labels
+    hatched = [patch for patch in axes.patches if patch.get_hatch()]
+    assert sorted((patch.get_x(), patch.get_y()) for patch in hatched) == [(-0.5, 1.5), (0.5, 1.5)]
+    assert [text.get_text() for text in axes.texts].count("n/a") == len(lengths)
+    # fixed depths keep their rows as before
+    cells = [{"length": 256, "depth": 0.0, "accuracy": 1.0}, {"length": 256, "depth": 0.5, "accuracy": 0.0}]
+    fixed = {"task": "passkey", "model": "m", "lengths": [256], "depths": [0.5, 0.0], "trials": 1,
+             "results": {"accuracy": {"256": 0.5}, "cells": cells}}  # fmt: skip
+    assert passkey_grid(fixed)[1:] == (["0%", "50%"], [[1.0], [0.0]])
+
+
+def test_plots_leave_the_callers_matplotlib_alone(tmp_path):
+    """No `matplotlib.use`, no pyplot figures: a heatmap drawn from a notebook or a GUI leaves its backend and its
+    figures as they were."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from longlora_hub.evaluation.report import plot_passkey_heatmap
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend the caller chose, not Agg
+    try:
+        path = plot_passkey_heatmap(_binned_result([0.1, 0.5, 0.9]), tmp_path / "heatmap.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == []
+    finally:
+        matplotlib.use(before)
+
+
+def test_matplotlib_is_optional_and_named_when_missing(tmp_path, longlora_dir, monkeypatch):
+    import subprocess
+    import sys
+
+    from longlora_hub.evaluation.report import plot_passkey_heatmap
+
+    # importing the package, its evaluation and its LongQA builder never imports matplotlib
+    code = (
+        "import sys, longlora_hub.cli, longlora_hub.evaluation, longlora_hub.longqa.build, longlora_hub.push; "
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"needs matplotlib, an optional dependency.*longlora-hub\[plots\]"):
+        plot_passkey_heatmap(_binned_result([0.5]), tmp_path / "h.png")
+    result = invoke("passkey", longlora_dir, "--lengths", 256, "--trials", 1, "--plot", tmp_path / "h.png")
+    assert result.exit_code == 1 and "pip install 'longlora-hub[plots]'" in result.output, result.output
+    assert "Or leave out --plot" in result.output
+    # without --plot nothing needs it
+    assert invoke("passkey", longlora_dir, "--lengths", 256, "--trials", 1).exit_code == 0
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# --device auto, --dtype auto
+
+
+def test_device_auto_is_the_cpu_without_cuda_and_a_device_map_with_it(base_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from longlora_hub.evaluation.loading import load_model, resolve_device, resolve_source
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "auto"
+
+    asked = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(name, **kwargs):
+        asked.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", record)
+    with pytest.raises(Stop):
+        load_model(resolve_source(str(base_dir)), device="auto", dtype="auto")
+    # transformers/accelerate place (and, when one GPU is too small, split) the model; the checkpoint's dtype
+    assert asked["device_map"] == "auto" and asked["dtype"] == "auto"
+
+
+def test_dtype_auto_is_the_checkpoints_dtype(tmp_path, tokenizer, documents, monkeypatch):
+    from longlora_hub.evaluation.loading import load_model, resolve_source
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    folder = tmp_path / "bf16"
+    tiny_llama(0).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = load_model(resolve_source(str(folder)), device="auto", dtype="auto")
+    assert loaded.model.dtype == torch.bfloat16 and next(loaded.model.parameters()).device.type == "cpu"
+    assert loaded.info["dtype"] == "bfloat16" and loaded.info["device"] == "cpu"
+
+    data = write_bin(tmp_path / "data.bin", documents.joined)
+    for dtype, expected in (("auto", "bfloat16"), ("float32", "float32")):
+        out = tmp_path / f"{dtype}.json"
+        result = invoke("ppl", folder, "--data", data, "--seq-len", 128, "--stride", 300, "--dtype", dtype, "-o", out)
+        assert result.exit_code == 0, result.output
+        report = json.loads(out.read_text())
+        assert (report["dtype"], report["device"]) == (expected, "cpu")
+        assert np.isfinite(report["results"][0]["perplexity"])
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# what forward does to the logits, the chunked loss does too
+
+
+def _tiny(config_class, model_class, **extra):
+    config = config_class(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False, **extra)  # fmt: skip
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    model.lm_head.weight.data *= 200  # logits of a trained model's size: a cap of 2 or a scale then matters
+    return model
+
+
+@pytest.mark.parametrize("architecture", ["gemma2", "cohere", "granite"])
+def test_chunked_loss_applies_the_models_output_transform(architecture):
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+    )
+
+    from longlora_hub.evaluation.perplexity import logit_transform
+
+    model = {
+        "gemma2": lambda: _tiny(Gemma2Config, Gemma2ForCausalLM, head_dim=16, final_logit_softcapping=2.0),
+        "cohere": lambda: _tiny(CohereConfig, CohereForCausalLM, logit_scale=0.25),
+        "granite": lambda: _tiny(GraniteConfig, GraniteForCausalLM, logits_scaling=8.0),
+    }[architecture]()
+    assert logit_transform(model) is not None
+    ids = torch.randint(3, 384, (2, 150), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids, labels=ids).loss.item()  # the model's own forward and loss
+        head_only = torch.nn.functional.cross_entropy(
+            model.lm_head(model.model(ids).last_hidden_state[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()
+        ).item()
+        chunked = token_nll(model, ids, chunk_size=32)
+    assert abs(head_only - reference) > 0.1  # without the transform the loss would be wrong
+    assert chunked.mean().item() == pytest.approx(reference, abs=1e-4)
+    result = evaluate_perplexity(model, ids[0].numpy(), 64, stride=40, chunk_size=16, progress=False)
+    assert np.isfinite(result["perplexity"])
+
+
+def test_an_unknown_output_transform_is_refused():
+    from transformers import LlamaForCausalLM
+
+    class ScaledLogits(LlamaForCausalLM):  # a remote-code model with a logit scale nobody told us about
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits * 3.0
+            return output
+
+    model = ScaledLogits(tiny_llama(0).config).eval()
+    tokens = np.random.default_rng(0).integers(3, 384, 300)
+    with pytest.raises(ValueError, match=r"ScaledLogits \(llama\) computes its logits in a way .* does not reproduce"):
+        evaluate_perplexity(model, tokens, 128, stride=100, progress=False)
+    # an unscaled Llama passes the same check
+    assert np.isfinite(evaluate_perplexity(tiny_llama(0), tokens, 128, stride=100, progress=False)["perplexity"])

@@ -107,9 +107,11 @@ def mixed(tmp_path_factory, tokenizer_dir):
 
 
 def _rows(output: Path) -> dict[str, list[dict]]:
-    return {
-        path.name.split("-")[0]: pq.read_table(path).to_pylist() for path in sorted((output / "data").glob("*.parquet"))
-    }
+    """The rows of each split, from its parquet shards in order."""
+    rows: dict[str, list[dict]] = {}
+    for path in sorted((output / "data").glob("*.parquet")):
+        rows.setdefault(path.name.split("-")[0], []).extend(pq.read_table(path).to_pylist())
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- templates
@@ -574,6 +576,12 @@ def test_card_and_histogram(mixed):
     ]
     assert metadata["license"] == "cc-by-nc-4.0"  # LongAlpaca rows: its license, inferred
     assert metadata["dataset_info"]["features"] == features_yaml(output_features())
+    # the sizes datasets needs to take the card's splits (without num_bytes it ignores them, with a warning)
+    info = metadata["dataset_info"]
+    assert [(split["name"], split["num_examples"]) for split in info["splits"]] == list(result.stats["splits"].items())
+    assert all(split["num_bytes"] > 0 for split in info["splits"])
+    assert info["download_size"] == sum(path.stat().st_size for path in (result.output / "data").glob("*.parquet"))
+    assert info["dataset_size"] == sum(split["num_bytes"] for split in info["splits"])
     assert {
         "name": "messages",
         "list": [{"name": "role", "dtype": "string"}, {"name": "content", "dtype": "string"}],
@@ -721,8 +729,9 @@ def test_push_guards(tmp_path, monkeypatch, tokenizer_dir):
 def test_push_round_trip(tmp_path, tokenizer_dir, hub):
     """Against the local Hub-compatible server (tests/hub_server.py): build with --synthetic and --push-to-hub
     --private, then `load_dataset(repo_id)` gives back exactly the rows and features of the local parquet files for
-    both splits; the repo holds the card (the local `configs`, the usage snippet naming the repo), stats.json and
-    the histogram; a second push of another build updates it; a read-only token gets the 403 message."""
+    both splits; the push is ONE commit holding the parquet files exactly as written (no re-encoding), the card (the
+    local `configs`, the usage snippet naming the repo), stats.json and the histogram; a second push of another
+    build updates it in one more commit, an unchanged one makes none; a read-only token gets the 403 message."""
     from datasets import load_dataset
 
     output = tmp_path / "out"
@@ -731,8 +740,12 @@ def test_push_round_trip(tmp_path, tokenizer_dir, hub):
     assert result.exit_code == 0, result.output
     repo = hub.server.repo("me/longqa", repo_type="dataset")
     assert repo.private
+    assert [commit.message for commit in repo.commits] == ["initial commit", "LongQA dataset (longlora-hub)"]
     files = repo.files("main")
-    assert {"README.md", "stats.json", "length_histogram.png"} <= set(files)
+    shards = ["data/train-00000-of-00001.parquet", "data/validation-00000-of-00001.parquet"]
+    assert set(files) == {".gitattributes", "README.md", "stats.json", "length_histogram.png", *shards}
+    for name in shards:
+        assert files[name] == (output / name).read_bytes()  # the build's own files, not a re-encoded copy
     card = files["README.md"].decode()
     assert "configs:" in card and "me/longqa" in card
     assert json.loads(files["stats.json"]) == json.loads(
@@ -745,14 +758,68 @@ def test_push_round_trip(tmp_path, tokenizer_dir, hub):
         assert pulled[split].to_list() == rows
     assert pulled["train"].features == output_features()
 
-    # another build pushed to the same repository replaces its rows
+    # another build pushed to the same repository replaces its rows, in one commit
     other = tmp_path / "other"
     assert CliRunner().invoke(longqa_group, ["build", "-o", str(other), "--synthetic", "12", "--tokenizer",
                                              tokenizer_dir, "--seed", "2"]).exit_code == 0  # fmt: skip
-    commits = len(hub.server.repo("me/longqa", repo_type="dataset").commits)
     assert push_longqa(other, "me/longqa").endswith("/datasets/me/longqa")
-    assert len(hub.server.repo("me/longqa", repo_type="dataset").commits) > commits
+    assert len(hub.server.repo("me/longqa", repo_type="dataset").commits) == 3
     again = load_dataset("me/longqa", download_mode="force_redownload")
     assert sum(len(split) for split in again.values()) == 12
+    push_longqa(other, "me/longqa")  # unchanged: nothing to commit
+    assert len(hub.server.repo("me/longqa", repo_type="dataset").commits) == 3
     with pytest.raises(LongQAPushError, match=r"\(403\)"):
         push_longqa(other, "me/longqa", token=hub.read_token)
+
+
+def test_shards_are_named_like_datasets_and_the_hub_mirrors_the_build(tmp_path, tokenizer_dir, hub, monkeypatch):
+    """A split over the shard size is written as several `train-0000i-of-0000n.parquet` files; a push uploads them
+    as they are and deletes, in the same commit, the shards an earlier build had and this one does not."""
+    from datasets import load_dataset
+    from longlora_hub.longqa import build
+
+    def synthetic_build(name: str, rows: int) -> Path:
+        config = LongQAConfig(output=str(tmp_path / name), synthetic=rows, tokenizer=tokenizer_dir,
+                              synthetic_lengths=[512], validation_size=0.1)  # fmt: skip
+        return build_longqa(config, echo=lambda line: None).output
+
+    monkeypatch.setattr(build, "WRITE_BATCH_ROWS", 4)
+    monkeypatch.setattr(build, "MAX_SHARD_BYTES", 1)  # every batch of 4 rows in a shard of its own
+    sharded = synthetic_build("sharded", 20)
+    names = sorted(path.name for path in (sharded / "data").iterdir())
+    assert names == [f"train-0000{i}-of-00005.parquet" for i in range(5)] + ["validation-00000-of-00001.parquet"]
+    push_longqa(sharded, "me/sharded")
+    repo = hub.server.repo("me/sharded", repo_type="dataset")
+    assert len(repo.commits) == 2
+    assert {name for name in repo.files("main") if name.startswith("data/")} == {f"data/{name}" for name in names}
+    pulled = load_dataset("me/sharded")
+    for split, rows in _rows(sharded).items():
+        assert pulled[split].to_list() == rows
+
+    monkeypatch.setattr(build, "MAX_SHARD_BYTES", 10**9)
+    single = synthetic_build("single", 10)
+    push_longqa(single, "me/sharded")
+    repo = hub.server.repo("me/sharded", repo_type="dataset")
+    assert len(repo.commits) == 3
+    assert {name for name in repo.files("main") if name.startswith("data/")} == {
+        "data/train-00000-of-00001.parquet",
+        "data/validation-00000-of-00001.parquet",
+    }
+    pulled = load_dataset("me/sharded", download_mode="force_redownload")
+    assert pulled["train"].to_list() == pq.read_table(single / "data" / "train-00000-of-00001.parquet").to_pylist()
+
+
+def test_histogram_leaves_the_callers_matplotlib_alone(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from longlora_hub.longqa.card import save_length_histogram
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        assert save_length_histogram({"train": [10, 200, 3000], "validation": [50]}, tmp_path / "h.png", 4096)
+        assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == []
+    finally:
+        matplotlib.use(before)

@@ -361,3 +361,82 @@ def test_push_mirrors_the_folder_unless_keep_remote(hub, trained, tmp_path):
     mirrored = push(folder, "me/mirror")  # without the flag, the next push mirrors the folder again
     assert "deleted on the Hub (no longer in the folder): LICENSE" in mirrored.output, mirrored.output
     assert "LICENSE" not in hub.server.repo("me/mirror").files("main")
+
+
+def test_card_model_index_holds_the_evaluation_numbers(hub, trained, tmp_path):
+    """The card's `model-index` (what the Hub shows on the model page and in leaderboards) is built from the eval
+    JSONs with huggingface_hub's own EvalResult: the pushed README.md parses back into exactly their numbers, and
+    its `model-index` round-trips through huggingface_hub's converters (`ModelCard.validate` needs the network)."""
+    import yaml
+    from huggingface_hub import EvalResult, ModelCard
+    from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+    folder = adapter_copy(trained, tmp_path / "adapter")
+    press = make_result(
+        "perplexity",
+        "press",
+        {"model": str(folder)},
+        {"data": str(tmp_path / "proof-pile.bin"), "stride": 256, "s2": False},
+        [
+            {"seq_len": 256, "stride": 256, "perplexity": 9.876543, "windows": 3, "scored_tokens": 700},
+            {"seq_len": 512, "stride": 256, "perplexity": 7.25, "windows": 2, "scored_tokens": 700},
+        ],
+    )
+    save_result(press, folder / "eval" / "press.json")
+    from_hub = make_result(
+        "perplexity",
+        "longlora",
+        {"model": "run"},
+        {"data": "someone/pg19-test", "split": "test", "data_config": "books", "stride": 128, "s2": True},
+        [{"seq_len": 512, "stride": 128, "perplexity": 11.5, "windows": 4, "scored_tokens": 2044}],
+    )
+    save_result(from_hub, folder / "eval" / "hub.json")
+    cells = [{"length": length, "depth": 0.5, "depth_range": [0.4, 0.6], "trials": 3, "correct": 1, "accuracy": 1 / 3}
+             for length in (256, 512)]  # fmt: skip
+    passkey = make_result(
+        "passkey",
+        "passkey",
+        {"model": "run"},
+        {"lengths": [256, 512], "depths": None, "depth_bins": 5, "trials": 3, "seed": 0},
+        {"accuracy": {"256": 1 / 3, "512": 0.0}, "overall_accuracy": 1 / 6, "cells": cells},
+    )
+    save_result(passkey, folder / "eval" / "passkey.json")
+
+    result = push(folder, "me/evals")
+    assert result.exit_code == 0, result.output
+    text = hub.server.repo("me/evals").files("main")["README.md"].decode()
+    card = ModelCard(text)
+    got = {(r.metric_type, r.metric_name): r for r in card.data.eval_results}
+    expected = {
+        ("perplexity", "perplexity @ 512 (pg19-tiny, LongLoRA windows)"): (42.125, "pg19-tiny", None, None),
+        ("perplexity", "perplexity @ 256 (proof-pile, sliding window)"): (9.876543, "proof-pile", None, None),
+        ("perplexity", "perplexity @ 512 (proof-pile, sliding window)"): (7.25, "proof-pile", None, None),
+        ("perplexity", "perplexity @ 512 (someone/pg19-test, LongLoRA windows, S²-Attn)"): (
+            11.5,
+            "someone/pg19-test",
+            "books",
+            "test",
+        ),
+        ("accuracy", "passkey accuracy @ 256"): (1 / 3, "passkey", None, None),
+        ("accuracy", "passkey accuracy @ 512"): (0.0, "passkey", None, None),
+    }
+    assert set(got) == set(expected) and len(card.data.eval_results) == len(expected)
+    for key, (value, dataset, config, split) in expected.items():
+        found = got[key]
+        assert found.metric_value == value and type(found.metric_value) is float, key  # the JSON's number, exactly
+        assert found.task_type == "text-generation" and found.dataset_type == dataset, key
+        assert (found.dataset_config, found.dataset_split) == (config, split), key
+    assert got[("perplexity", "perplexity @ 256 (proof-pile, sliding window)")].metric_args == {
+        "seq_len": 256,
+        "stride": 256,
+    }
+    assert card.data.model_name == "evals"
+
+    # the YAML is a valid model-index: huggingface_hub's converters read it and write it back unchanged
+    index = yaml.safe_load(text.split("---\n")[1])["model-index"]
+    name, results = model_index_to_eval_results(index)
+    assert name == "evals" and all(isinstance(r, EvalResult) for r in results)
+    assert eval_results_to_model_index(name, results) == index
+    # the Markdown tables stay for readers, and no local path reaches the card
+    assert "| 256 | 9.877 | 3 | 700 |" in text and "| 512 | 42.125 | 2 | 1022 |" in text
+    assert str(tmp_path) not in text

@@ -280,8 +280,9 @@ def check_reachable(config: Any, lengths: list[int], model_name: str, option: st
 
 def resolve_device(device: str = "auto") -> str:
     r"""
-    The device to evaluate on: `"auto"` is the first CUDA GPU when there is one, else the CPU; anything else must be
-    a device this machine has.
+    The device to evaluate on. `"auto"` stays `"auto"` when CUDA is there (the model is then loaded with
+    `device_map="auto"`: on one GPU when it fits, split over all of them, and CPU memory after that, when it does
+    not) and is `"cpu"` otherwise; anything else must be a device this machine has.
 
     Raises:
         `ValueError`: If `device` is not a torch device name, or names a GPU this machine (or this build of torch)
@@ -290,7 +291,7 @@ def resolve_device(device: str = "auto") -> str:
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "auto" if torch.cuda.is_available() else "cpu"
     try:
         parsed = torch.device(device)
     except RuntimeError:
@@ -310,15 +311,40 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> Any:
-    """`"auto"` is bfloat16 on a GPU and float32 on the CPU (where half precision is slow or unsupported)."""
+def resolve_dtype(dtype: str) -> Any:
+    """`"auto"` stays `"auto"`: transformers then loads the checkpoint in its own dtype (its config's `dtype`, else
+    that of its first floating-point weight). Anything else is the torch dtype of that name."""
     import torch
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
+
+
+def model_device(model: Any) -> Any:
+    """Where a model's inputs go: the device of its input embeddings (the first shard of a model split by
+    `device_map="auto"`), else of its first parameter."""
+    import torch
+
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
+def placement(model: Any, device: str) -> str:
+    """Where the model's weights are, for a result: the device, or for `device_map="auto"` the devices it was
+    split over (`"cuda:0"` when it fits one GPU, `"cuda:0,cuda:1,cpu"` when it does not)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device != "auto" or not device_map:
+        return device
+    devices = []
+    for where in device_map.values():
+        name = f"cuda:{where}" if isinstance(where, int) else str(where)
+        if name not in devices:
+            devices.append(name)
+    return ",".join(devices)
 
 
 def load_tokenizer(source: ModelSource) -> Any:
@@ -354,9 +380,11 @@ def load_model(
         source (`ModelSource`):
             From [`resolve_source`].
         device (`str`, *optional*, defaults to `"auto"`):
-            `"auto"`, `"cpu"`, `"cuda"`, `"cuda:1"`, ...
+            `"auto"` (`device_map="auto"` over the GPUs when CUDA is there, else the CPU), `"cpu"`, `"cuda"`,
+            `"cuda:1"`, ...
         dtype (`str`, *optional*, defaults to `"auto"`):
-            `"auto"` (bfloat16 on a GPU, float32 on the CPU), `"float32"`, `"bfloat16"` or `"float16"`.
+            `"auto"` (the checkpoint's own dtype, transformers' `dtype="auto"`), `"float32"`, `"bfloat16"` or
+            `"float16"`.
         attn_implementation (`str`, *optional*):
             `"sdpa"`, `"eager"`, `"flash_attention_2"`, ...; transformers' default when unset.
         tokenizer (`PreTrainedTokenizerBase`, *optional*):
@@ -370,13 +398,14 @@ def load_model(
     from ..rope import read_rope
 
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
     trust = source.trust_for(source.base)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust, "dtype": torch_dtype, "revision": source.revision}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust, "dtype": resolve_dtype(dtype), "revision": source.revision}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if device != "cpu":
-        kwargs["device_map"] = device  # straight onto the GPU, never a full copy in CPU memory first
+        # straight onto the GPU(s), never a full copy in CPU memory first; "auto" lets accelerate split the model
+        # over every GPU (and CPU memory) when it does not fit one
+        kwargs["device_map"] = device
     try:
         model = AutoModelForCausalLM.from_pretrained(source.base, **kwargs)
     except OSError as error:
@@ -385,22 +414,26 @@ def load_model(
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, source.adapter, torch_device=device)
+            # a split model: PEFT puts each LoRA layer next to the layer it adapts (hf_device_map)
+            adapter_device = None if device == "auto" else device
+            model = PeftModel.from_pretrained(model, source.adapter, torch_device=adapter_device)
         except RuntimeError as error:  # torch's "size mismatch for ..." list, one line per tensor
             raise ValueError(_adapter_mismatch(source, error)) from None
     model.eval()
     config = model.config
+    base_model = model.get_base_model() if source.adapter else model
     info = {
         "model": source.model,
         "adapter": source.adapter,
         "base_model": source.base if source.adapter else None,
         # the commit a Hub download resolved to; None for a local folder
         "revision": source.revision or getattr(config, "_commit_hash", None),
-        "model_class": type(model.get_base_model() if source.adapter else model).__name__,
+        "model_class": type(base_model).__name__,
         "max_position_embeddings": getattr(config, "max_position_embeddings", None),
         "rope": read_rope(config),
-        "dtype": str(torch_dtype).removeprefix("torch."),
-        "device": device,
+        # what was loaded, not what was asked: "auto" is the checkpoint's dtype and the devices it was placed on
+        "dtype": str(base_model.dtype).removeprefix("torch."),
+        "device": placement(base_model, device),
     }
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, info=info)
 
@@ -429,6 +462,8 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "max_length",
+    "model_device",
+    "placement",
     "resolve_device",
     "resolve_dtype",
     "resolve_source",

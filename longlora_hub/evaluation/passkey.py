@@ -276,7 +276,8 @@ def summarize_passkey(
     Accuracy per length and per (length, depth) from per-trial records.
 
     With random depths the trials are grouped into `depth_bins` equal bins, each cell labelled by its bin's centre
-    and carrying its `depth_range`; bins no trial fell into are left out.
+    and carrying its `depth_range`; a bin no trial fell into has no cell (the table and the heatmap still show it,
+    as empty: see [`~longlora_hub.evaluation.report.passkey_grid`]).
 
     Returns:
         `dict[str, Any]`: `accuracy` (length -> fraction correct), `overall_accuracy`, `prompt_tokens` (length ->
@@ -348,7 +349,7 @@ def run_passkey(
         batch_size (`int`, *optional*, defaults to `1`):
             Prompts per `generate` call (left-padded; prompts of one batch share a length).
         device (`torch.device` or `str`, *optional*):
-            Where the prompts go; defaults to the device of the model's parameters.
+            Where the prompts go; defaults to the device of the model's input embeddings (its first shard).
         depth_bins (`int`, *optional*, defaults to `5`):
             Bins of the per-depth accuracy when depths are random.
         progress (`bool`, *optional*, defaults to `True`):
@@ -362,9 +363,11 @@ def run_passkey(
     import torch
     from tqdm.auto import tqdm
 
+    from .loading import model_device
+
     plan = plan_trials(lengths, depths, trials, seed)
     if device is None:
-        device = next(iter(model.parameters()), torch.empty(0)).device
+        device = model_device(model)
     if hasattr(model, "eval"):
         model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -13,6 +13,9 @@ r"""Perplexity of a causal LM on a long token stream, with the two windowing pro
 
 The loss never materialises `seq_len x vocab` logits: the decoder runs once per window and the LM head plus the
 cross-entropy run on chunks of `chunk_size` positions, so the largest tensor is `batch x chunk_size x vocab`.
+Since that bypasses `model.forward`, what `forward` does to the head's output is applied here too (final logit
+soft-capping, Cohere's and Granite's logit scales: `logit_transform`), and every evaluation first checks the chunked
+loss against `forward`'s own on a few tokens, refusing an architecture whose transform it does not know.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,12 +127,74 @@ def decoder_and_head(model: Any) -> tuple[Any, Any]:
     return decoder, head
 
 
+# How transformers' causal-LM heads change the LM head's output before the loss, by the `model_type` of the (text)
+# config and the config field they read: `forward` applies these, and the chunked loss, which calls the head itself,
+# must too. Final logit soft-capping (`final_logit_softcapping`: Gemma 2 and 3, VaultGemma, nanochat, ...) means the
+# same in every architecture that has it and is applied wherever the config sets it.
+LOGIT_SCALES = (
+    ("cohere", "logit_scale", "multiply"),  # Cohere, Cohere 2: logits * logit_scale
+    ("granite", "logits_scaling", "divide"),  # Granite, Granite MoE (shared, hybrid, SWA): logits / logits_scaling
+    ("falcon_h1", "lm_head_multiplier", "multiply"),
+    ("hyperclovax", "logits_scaling", "multiply"),  # the same field name as Granite's, the other way round
+)
+CHECK_TOKENS = 64  # the positions on which the chunked loss is compared with `model.forward`'s once per evaluation
+
+
+def _unwrapped(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _text_config(model: Any) -> Any:
+    config = getattr(_unwrapped(model), "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return config
+
+
+def logit_transform(model: Any) -> Callable[[Any], Any] | None:
+    r"""
+    What the model's `forward` does to the LM head's output before its loss, as a function of float32 logits, or
+    `None` when it uses them as they are (Llama and most decoders).
+
+    Handled: final logit soft-capping (`cap * tanh(logits / cap)`, Gemma 2 and 3 and every config with
+    `final_logit_softcapping` set) and the scales of [`LOGIT_SCALES`] (Cohere's `logit_scale`, Granite's
+    `logits_scaling`, Falcon-H1's `lm_head_multiplier`, HyperCLOVA X's `logits_scaling`), in the order `forward`
+    applies them. Anything else (a remote-code model with its own scaling) is caught by [`check_chunked_loss`].
+    """
+    config = _text_config(model)
+    if config is None:
+        return None
+    model_type = str(getattr(config, "model_type", "") or "")
+    steps: list[Callable[[Any], Any]] = []
+    for prefix, name, how in LOGIT_SCALES:
+        value = getattr(config, name, None)
+        if model_type.startswith(prefix) and value is not None and float(value) != 1.0:
+            scale = float(value)
+            steps.append((lambda x, s=scale: x * s) if how == "multiply" else (lambda x, s=scale: x / s))
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        import torch
+
+        cap = float(cap)
+        steps.append(lambda x: torch.tanh(x / cap) * cap)
+    if not steps:
+        return None
+
+    def transform(logits: Any) -> Any:
+        for step in steps:
+            logits = step(logits)
+        return logits
+
+    return transform
+
+
 def token_nll(model: Any, input_ids: Any, chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> Any:
     r"""
     The negative log-likelihood of every token of each row given the tokens before it in the row.
 
-    Runs the decoder once, then the LM head and the cross-entropy on `chunk_size` positions at a time (in float32,
-    like transformers' loss), so no `seq_len x vocab` tensor is ever built. Call it under `torch.no_grad()`.
+    Runs the decoder once, then the LM head, the model's own output transform ([`logit_transform`]: soft-capping,
+    logit scales) and the cross-entropy on `chunk_size` positions at a time (in float32, like transformers' loss), so
+    no `seq_len x vocab` tensor is ever built. Call it under `torch.no_grad()`.
 
     Args:
         model (`PreTrainedModel` or `PeftModel`):
@@ -146,6 +211,7 @@ def token_nll(model: Any, input_ids: Any, chunk_size: int | None = DEFAULT_CHUNK
     import torch.nn.functional as F
 
     decoder, head = decoder_and_head(model)
+    transform = logit_transform(model)
     hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # the last one predicts beyond
     targets = input_ids[:, 1:]
     batch, positions = targets.shape
@@ -153,11 +219,50 @@ def token_nll(model: Any, input_ids: Any, chunk_size: int | None = DEFAULT_CHUNK
     losses = torch.empty(batch, positions, dtype=torch.float32, device=hidden.device)
     for begin in range(0, positions, step):
         logits = head(hidden[:, begin : begin + step]).float()  # (B, chunk, V): the only vocab-sized tensor
-        chunk_targets = targets[:, begin : begin + step]
+        if transform is not None:
+            logits = transform(logits)
+        chunk_targets = targets[:, begin : begin + step].to(logits.device)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk_targets.reshape(-1), reduction="none")
-        losses[:, begin : begin + step] = nll.view_as(chunk_targets)
+        losses[:, begin : begin + step] = nll.view_as(chunk_targets).to(losses.device)
         del logits, nll  # free this chunk before the next one is allocated
     return losses
+
+
+def check_chunked_loss(model: Any, input_ids: Any, chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> None:
+    r"""
+    Refuse a model whose `forward` computes its logits in a way the chunked loss does not reproduce.
+
+    The chunked loss calls the decoder and the LM head itself, so whatever `forward` does between them and the loss
+    is only there when [`logit_transform`] knows it. This compares the two on the first `CHECK_TOKENS` tokens of
+    `input_ids` (one short forward pass with full logits, once per evaluation) and raises when they differ by more
+    than the dtype's rounding. Call it under `torch.no_grad()`, in the mode the evaluation runs in.
+
+    Raises:
+        `ValueError`: The model's own loss and the chunked one differ; the message names the architecture.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    probe = input_ids[:1, :CHECK_TOKENS]
+    if probe.shape[1] < 2:
+        return
+    chunked = token_nll(model, probe, chunk_size).mean().item()
+    logits = model(input_ids=probe, use_cache=False).logits[:, :-1].float()
+    targets = probe[:, 1:].to(logits.device)
+    reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).item()
+    dtype = getattr(_unwrapped(model), "dtype", torch.float32)
+    tolerance = 1e-3 if dtype == torch.float32 else 2e-2  # half precision: the two paths round differently
+    if abs(chunked - reference) > tolerance * max(1.0, abs(reference)):
+        config = _text_config(model)
+        name = type(_unwrapped(model)).__name__
+        model_type = getattr(config, "model_type", None)
+        raise ValueError(
+            f"{name} ({model_type}) computes its logits in a way longlora-hub's chunked perplexity does not "
+            f"reproduce: on the first {probe.shape[1]} tokens its own forward gives a mean loss of {reference:.4f}, "
+            f"the chunked loss {chunked:.4f}. Its forward transforms the LM head's output (a logit scale or "
+            "soft-capping this package does not know), so its perplexity cannot be measured here without being "
+            "wrong; evaluate it with its own forward (transformers' perplexity guide) instead."
+        )
 
 
 @contextlib.contextmanager
@@ -379,6 +484,7 @@ def evaluate_perplexity(
     device: Any | None = None,
     s2: bool = False,
     progress: bool = True,
+    check: bool = True,
 ) -> dict[str, Any]:
     r"""
     The perplexity of `model` on `tokens` at one context length.
@@ -399,18 +505,22 @@ def evaluate_perplexity(
         chunk_size (`int`, *optional*, defaults to `1024`):
             Positions per LM-head chunk; `None` builds all the logits at once.
         device (`torch.device` or `str`, *optional*):
-            Where the windows go; defaults to the device of the model's parameters.
+            Where the windows go; defaults to the device of the model's input embeddings (its first shard).
         s2 (`bool`, *optional*, defaults to `False`):
             Evaluate with the S²-Attn pattern (LlamaLongLoRA only; see [`s2_evaluation`]).
         progress (`bool`, *optional*, defaults to `True`):
             Show a progress bar on stderr.
+        check (`bool`, *optional*, defaults to `True`):
+            First compare the chunked loss with the model's own `forward` on a few tokens ([`check_chunked_loss`]),
+            so an architecture whose output transform the chunked loss lacks is refused, not mismeasured.
 
     Returns:
         `dict[str, Any]`: `seq_len`, `protocol`, `stride`, `windows`, `scored_tokens`, `loss` (natural log),
         `perplexity`, `data_tokens`, `elapsed_s` and `tokens_per_s` (window tokens read per second).
 
     Raises:
-        `ValueError`: From [`plan_windows`], or if a token id is outside the model's vocabulary.
+        `ValueError`: From [`plan_windows`] or [`check_chunked_loss`], or if a token id is outside the model's
+            vocabulary.
     """
     import torch
     from tqdm.auto import tqdm
@@ -424,9 +534,18 @@ def evaluate_perplexity(
             "tokenized with another tokenizer. Re-tokenize it with the model's tokenizer (or pass the text)."
         )
     if device is None:
-        device = next(model.parameters()).device
+        from .loading import model_device
+
+        device = model_device(model)
     window_losses: list[float] = []
     total_nll, total_scored = 0.0, 0
+    if check:  # in eval mode (no dropout, full attention): the head's transform is the same in either mode
+        was_training = model.training
+        model.eval()
+        first = np.asarray(tokens[windows[0].start : windows[0].start + CHECK_TOKENS], dtype=np.int64)
+        with torch.no_grad():
+            check_chunked_loss(model, torch.from_numpy(first)[None].to(device), chunk_size)
+        model.train(was_training)
     mode = s2_evaluation(model) if s2 else contextlib.nullcontext()
     if not s2:
         model.eval()
@@ -464,11 +583,14 @@ def evaluate_perplexity(
 __all__ = [
     "DATA_SUFFIXES",
     "DEFAULT_CHUNK_SIZE",
+    "LOGIT_SCALES",
     "PROTOCOLS",
     "Window",
+    "check_chunked_loss",
     "decoder_and_head",
     "evaluate_perplexity",
     "load_tokens",
+    "logit_transform",
     "plan_windows",
     "s2_evaluation",
     "token_nll",

@@ -74,19 +74,36 @@ def _trials_note(result: dict[str, Any]) -> str:
     return f"{result['trials']} keys per cell"
 
 
+def _depth_rows(result: dict[str, Any]) -> list[tuple[float, list[float] | None]]:
+    """Every row of the per-depth table: each fixed depth, or every one of the `depth_bins` bins of random depths
+    (by its centre and range, as `summarize_passkey` labels its cells), whether or not a trial fell in it."""
+    cells = result["results"]["cells"]
+    bins = result.get("depth_bins")
+    if result.get("depths") is None and isinstance(bins, int) and bins > 0:
+        return [
+            (round((index + 0.5) / bins, 6), [round(index / bins, 6), round((index + 1) / bins, 6)])
+            for index in range(bins)
+        ]
+    if result.get("depths") is not None:
+        return [(float(depth), None) for depth in sorted(result["depths"])]
+    # a result written without its settings: the depths its cells hold
+    ranges = {cell["depth"]: cell.get("depth_range") for cell in cells}
+    return sorted(ranges.items())
+
+
 def passkey_grid(result: dict[str, Any]) -> tuple[list[int], list[str], list[list[float | None]]]:
     """`(lengths, depth_labels, accuracy)` with `accuracy[d][l]` the accuracy at the `d`-th depth (or depth bin) and
-    the `l`-th length, `None` where no trial fell."""
+    the `l`-th length, `None` where no trial fell. With random depths every bin is a row, an empty one too, so the
+    depth axis never skips a bin."""
     results = result["results"]
     lengths = [int(length) for length in result["lengths"]]
-    depths = sorted({cell["depth"] for cell in results["cells"]})
-    ranges = {cell["depth"]: cell.get("depth_range") for cell in results["cells"]}
+    rows = _depth_rows(result)
     labels = [
-        f"{ranges[d][0]:.0%}–{ranges[d][1]:.0%}" if ranges[d] else _depth_label(d)  # random depths: the bin
-        for d in depths
+        f"{depth_range[0]:.0%}–{depth_range[1]:.0%}" if depth_range else _depth_label(depth)  # random depths: the bin
+        for depth, depth_range in rows
     ]
-    found = {(cell["length"], cell["depth"]): cell["accuracy"] for cell in results["cells"]}
-    return lengths, labels, [[found.get((length, depth)) for length in lengths] for depth in depths]
+    found = {(cell["length"], round(cell["depth"], 6)): cell["accuracy"] for cell in results["cells"]}
+    return lengths, labels, [[found.get((length, round(depth, 6))) for length in lengths] for depth, _ in rows]
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -121,31 +138,49 @@ def markdown_table(result: dict[str, Any]) -> str:
     raise ValueError(f"Unknown evaluation task {result['task']!r}; expected 'perplexity' or 'passkey'.")
 
 
-def plot_passkey_heatmap(result: dict[str, Any], path: str | Path) -> Path:
-    r"""
-    Save a heatmap of passkey accuracy: lengths on the x axis, needle depth on the y axis (0% at the top), the
-    accuracy written in every cell, a colour bar, and a title naming the model.
+PLOTS_EXTRA = "pip install 'longlora-hub[plots]'"
 
-    Needs matplotlib (imported here only, so the rest of the package works without it).
+
+def figure_class(purpose: str = "Plotting") -> type:
+    r"""
+    `matplotlib.figure.Figure`, imported only when a plot is asked for (matplotlib is the optional `plots` extra).
+
+    Figures are made from this class, never through `pyplot`: no global figure registry, no backend chosen or
+    switched, so a plot drawn from a notebook, a GUI or a test leaves the caller's matplotlib state alone.
 
     Raises:
-        `ImportError`: If matplotlib is not installed; the message says how to install it.
+        `ImportError`: If matplotlib is not installed; the message names the extra that installs it.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display needed, and no GUI backend picked up from the environment
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError as error:
-        raise ImportError("--plot needs matplotlib: `pip install matplotlib`.") from error
+        raise ImportError(
+            f"{purpose} needs matplotlib, an optional dependency of longlora-hub: `{PLOTS_EXTRA}` (or `pip install "
+            "matplotlib`)."
+        ) from error
+    return Figure
+
+
+def passkey_heatmap_figure(result: dict[str, Any]) -> Any:
+    r"""
+    The passkey heatmap as a `matplotlib.figure.Figure`: lengths on the x axis, needle depth on the y axis (0% at
+    the top), the accuracy written in every cell, a colour bar, and a title naming the model. A depth bin no trial
+    fell into keeps its row, hatched and marked "n/a", so the depth axis is never uneven.
+
+    Raises:
+        `ImportError`: If matplotlib is not installed (the `plots` extra).
+    """
+    Figure = figure_class("The passkey heatmap (--plot)")
     import numpy as np
+    from matplotlib.patches import Rectangle
 
     lengths, labels, grid = passkey_grid(result)
     values = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
     width = max(5.0, 1.0 + 0.9 * len(lengths))
     height = max(3.5, 1.6 + 0.55 * len(labels))
-    figure, axes = plt.subplots(figsize=(width, height), dpi=120)
-    image = axes.imshow(values, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    figure = Figure(figsize=(width, height), dpi=120)
+    axes = figure.add_subplot()
+    image = axes.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
     axes.set_xticks(range(len(lengths)), [str(length) for length in lengths])
     axes.set_yticks(range(len(labels)), labels)
     axes.set_xlabel("Context length (tokens)")
@@ -167,26 +202,45 @@ def plot_passkey_heatmap(result: dict[str, Any], path: str | Path) -> Path:
     for row in range(len(labels)):
         for column in range(len(lengths)):
             value = values[row, column]
-            text = "–" if np.isnan(value) else f"{value:.0%}"
+            if np.isnan(value):  # no trial here: hatched grey, so it never reads as a colour of the scale
+                empty = Rectangle((column - 0.5, row - 0.5), 1, 1, facecolor="#eeeeee", edgecolor="#999999")
+                empty.set_hatch("//")
+                empty.set_label("no trial")
+                axes.add_patch(empty)
+                axes.text(column, row, "n/a", ha="center", va="center", color="#555555", fontsize=9)
+                continue
             # white on the dark ends of the colour map, black on its light middle
-            colour = "white" if not np.isnan(value) and (value < 0.2 or value > 0.85) else "black"
-            axes.text(column, row, text, ha="center", va="center", color=colour, fontsize=9)
+            colour = "white" if value < 0.2 or value > 0.85 else "black"
+            axes.text(column, row, f"{value:.0%}", ha="center", va="center", color=colour, fontsize=9)
     bar = figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     bar.set_label("accuracy")
     figure.tight_layout()
+    return figure
+
+
+def plot_passkey_heatmap(result: dict[str, Any], path: str | Path) -> Path:
+    r"""
+    Save the heatmap of [`passkey_heatmap_figure`] to `path` (any format matplotlib writes, from the suffix).
+
+    Raises:
+        `ImportError`: If matplotlib is not installed; the message names the `plots` extra.
+    """
+    figure = passkey_heatmap_figure(result)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
-    plt.close(figure)
     return path
 
 
 __all__ = [
+    "PLOTS_EXTRA",
     "RESULT_FORMAT",
+    "figure_class",
     "load_result",
     "make_result",
     "markdown_table",
     "passkey_grid",
+    "passkey_heatmap_figure",
     "plot_passkey_heatmap",
     "save_result",
 ]

@@ -57,6 +57,8 @@ SPLITS = ("train", "validation")
 DATA_DIR = "data"
 LONGALPACA_LICENSE = "cc-by-nc-4.0"
 SHORT_SLACK = 0.1  # extra short rows sampled to replace the ones the length filter or dedupe drops
+MAX_SHARD_BYTES = 500 * 1000**2  # Arrow bytes per parquet shard: datasets' `push_to_hub` default ("500MB")
+WRITE_BATCH_ROWS = 128  # rows per parquet write (and the granularity of a shard's size)
 
 
 def output_features():
@@ -393,15 +395,35 @@ def _documents_too_long(store: DocumentStore, tokenizer, max_length: int) -> lis
     return too_long
 
 
-def _write_split(combined, indices: list[int], num_tokens: np.ndarray, path: Path, prompt_template: str) -> None:
-    """Write one split as a parquet file, in batches, adding `prompt`, `messages` and `num_tokens`."""
+def shard_name(split: str, index: int, count: int) -> str:
+    """The file name `datasets` gives a parquet shard (`train-00000-of-00001.parquet`), which the card's `configs`
+    (`data/train-*`), the Hub viewer and `load_dataset(repo_id)` find."""
+    return f"{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+def _write_split(
+    combined,
+    indices: list[int],
+    num_tokens: np.ndarray,
+    folder: Path,
+    split: str,
+    prompt_template: str,
+    max_shard_bytes: int | None = None,
+) -> tuple[list[Path], int]:
+    """Write one split as parquet shards of about `max_shard_bytes` of Arrow data each (what `datasets`'
+    `push_to_hub` would make of it, 500 MB by default), in batches, adding `prompt`, `messages` and `num_tokens`.
+    Returns the shards and the split's size as Arrow data (`num_bytes` in a card's dataset_info)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    limit = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
     schema = output_features().arrow_schema
-    with pq.ParquetWriter(str(path), schema) as writer:
-        for begin in range(0, len(indices), 128):
-            chunk = indices[begin : begin + 128]
+    # the shard count is known only at the end: shards are written under temporary names, then renamed
+    partial: list[Path] = []
+    writer, written, total = None, 0, 0
+    try:
+        for begin in range(0, len(indices), WRITE_BATCH_ROWS):
+            chunk = indices[begin : begin + WRITE_BATCH_ROWS]
             rows = combined[chunk]
             instructions, completions = rows["instruction"], rows["completion"]
             table = pa.table(
@@ -418,7 +440,22 @@ def _write_split(combined, indices: list[int], num_tokens: np.ndarray, path: Pat
                 },
                 schema=schema,
             )
+            if writer is not None and written >= limit:
+                writer.close()
+                writer = None
+            if writer is None:
+                partial.append(folder / f".{split}-{len(partial):05d}.parquet.partial")
+                writer, written = pq.ParquetWriter(str(partial[-1]), schema), 0
             writer.write_table(table)
+            written += table.nbytes
+            total += table.nbytes
+    finally:
+        if writer is not None:
+            writer.close()
+    shards = [folder / shard_name(split, index, len(partial)) for index in range(len(partial))]
+    for source, target in zip(partial, shards, strict=True):
+        source.rename(target)
+    return shards, total
 
 
 def _inferred_license(config: LongQAConfig) -> str:
@@ -442,7 +479,8 @@ def build_longqa(config: LongQAConfig, echo: Callable[[str], None] = print, repo
     r"""
     Build a LongQA dataset as `config` says and write it to `config.output`.
 
-    Writes `OUTPUT/data/{train,validation}-00000-of-00001.parquet`, `OUTPUT/stats.json`, `OUTPUT/README.md` (the
+    Writes `OUTPUT/data/{train,validation}-00000-of-00001.parquet` (more shards, named the same way, for a split
+    over `MAX_SHARD_BYTES`), `OUTPUT/stats.json`, `OUTPUT/README.md` (the
     dataset card) and `OUTPUT/length_histogram.png` (when matplotlib is installed), and with `save_arrow`
     `OUTPUT/arrow/` too.
 
@@ -550,10 +588,15 @@ def _build(
     train, validation = split_indices(len(selected), config.validation_size, config.seed)
     splits = {"train": [selected[i] for i in train], "validation": [selected[i] for i in validation]}
     echo(f"[longqa] writing {len(train)} train and {len(validation)} validation rows")
+    # the sizes `datasets` records in a card's dataset_info (without them it ignores the card's split sizes)
+    sizes: dict[str, Any] = {"splits": {}, "download_size": 0}
     for split, indices in splits.items():
         if indices:
-            path = out / DATA_DIR / f"{split}-00000-of-00001.parquet"
-            _write_split(combined, indices, num_tokens, path, config.prompt_template)
+            shards, arrow_bytes = _write_split(
+                combined, indices, num_tokens, out / DATA_DIR, split, config.prompt_template
+            )
+            sizes["splits"][split] = arrow_bytes
+            sizes["download_size"] += sum(path.stat().st_size for path in shards)
     timings["write_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -577,6 +620,7 @@ def _build(
             "repo_id": repo_id,
         },
         "splits": {"train": len(train), "validation": len(validation)},
+        "bytes": sizes,
         "collected": dict(sorted(collected.items())),
         "rows": stats_of(selected),
         "split_rows": {split: stats_of(indices)["all"] for split, indices in splits.items()},
@@ -654,6 +698,23 @@ def check_hub_access(token: str | None = None, endpoint: str | None = None) -> s
     return _check_hub_access(token, endpoint, no_token_hint=", or build without --push-to-hub")
 
 
+def _push_files(output: Path, stats: dict[str, Any]) -> list[str]:
+    """The parquet shards of a build, as paths in the repository (`data/train-00000-of-00001.parquet`, ...), checked
+    against the splits `stats.json` records."""
+    shards = sorted(path.relative_to(output).as_posix() for path in (output / DATA_DIR).glob("*.parquet"))
+    missing = [
+        split
+        for split, count in stats["splits"].items()
+        if count and not any(name.startswith(f"{DATA_DIR}/{split}-") for name in shards)
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{output / DATA_DIR} has no parquet file for the split(s) {', '.join(missing)} that stats.json records; "
+            "the build is incomplete: build it again."
+        )
+    return shards
+
+
 def push_longqa(
     output: str | Path,
     repo_id: str,
@@ -661,12 +722,19 @@ def push_longqa(
     private: bool = False,
     token: str | None = None,
     endpoint: str | None = None,
+    commit_message: str | None = None,
 ) -> str:
     r"""
-    Push a built LongQA folder to the Hub: the splits with `DatasetDict.push_to_hub`, then the card (README.md,
-    with the `configs` that map the splits), `stats.json` and the length histogram in one commit.
+    Push a built LongQA folder to the Hub in ONE commit: the parquet shards exactly as the build wrote them (no
+    re-encoding: `data/train-00000-of-00001.parquet`, ..., the names `datasets` gives its shards), the card
+    (README.md, whose `configs` map each split to `data/{split}-*`, so the Hub viewer and `load_dataset(repo_id)`
+    find them), `stats.json` and the length histogram.
 
-    `load_dataset(repo_id)` then gives back the rows of the parquet files in `output`.
+    The repository mirrors the build: parquet files under `data/` that this build does not have (an earlier build's
+    other splits or shard counts), and a histogram it did not draw, are deleted in the same commit; other files are
+    kept.
+    An unchanged build makes no commit. `load_dataset(repo_id)` then gives back the rows of the parquet files in
+    `output`.
 
     Args:
         output (`str` or `Path`): A folder written by `build_longqa`.
@@ -674,47 +742,54 @@ def push_longqa(
         private (`bool`, *optional*, defaults to `False`): Create the repository private.
         token (`str`, *optional*): Defaults to the logged-in token.
         endpoint (`str`, *optional*): The Hub server; defaults to `HF_ENDPOINT` / huggingface.co.
+        commit_message (`str`, *optional*): Defaults to "LongQA dataset (longlora-hub)".
 
     Returns:
         `str`: The dataset's URL.
-    """
-    from huggingface_hub import CommitOperationAdd, HfApi, constants
 
-    from datasets import load_dataset
+    Raises:
+        `FileNotFoundError`: `output` is not a complete LongQA build.
+        `HubPushError`: No token, a refused token, no write access or an unreachable Hub, with what to do.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
     output = Path(output)
     stats_path = output / "stats.json"
     if not stats_path.is_file() or not (output / DATA_DIR).is_dir():
         raise FileNotFoundError(f"{output} is not a LongQA build (no stats.json or data/); build it first.")
+    stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    shards = _push_files(output, stats)
     endpoint = endpoint or constants.ENDPOINT
     token = check_hub_access(token, endpoint)
-    stats = json.loads(stats_path.read_text(encoding="utf-8"))
-    files = {split: str(output / DATA_DIR / f"{split}-*.parquet") for split, count in stats["splits"].items() if count}
+    card = (output / "README.md").read_bytes()
+    has_histogram = (output / HISTOGRAM_FILE).is_file()
+    if stats["config"].get("repo_id") != repo_id and not stats["config"].get("card_template"):
+        # built without knowing this repository: render the default card again so its usage snippet names it
+        card = render_card(stats, output_features(), repo_id=repo_id, has_histogram=has_histogram).encode()
+    operations: list[Any] = [CommitOperationAdd(name, str(output / name)) for name in shards]
+    operations += [
+        CommitOperationAdd("README.md", card),
+        # without the builder's local folders, like the card
+        CommitOperationAdd("stats.json", (json.dumps(public_stats(stats), indent=2) + "\n").encode()),
+    ]
+    if has_histogram:
+        operations.append(CommitOperationAdd(HISTOGRAM_FILE, str(output / HISTOGRAM_FILE)))
     api = HfApi(endpoint=endpoint, token=token)
-    # a throw-away cache: the parquet files are the data; a second copy in ~/.cache would only use disk
-    with tempfile.TemporaryDirectory(prefix="longqa-push-") as cache:
-        dataset = load_dataset("parquet", data_files=files, cache_dir=cache)
-        try:
-            dataset.push_to_hub(repo_id, private=private, token=token, commit_message="LongQA data (longlora-hub)")
-        except hub_errors() as error:
-            raise hub_failure(error, endpoint, f"push to {repo_id}") from error
     try:
-        card = (output / "README.md").read_bytes()
-        if stats["config"].get("repo_id") != repo_id and not stats["config"].get("card_template"):
-            # built without knowing this repository: render the default card again so its usage snippet names it
-            has_histogram = (output / HISTOGRAM_FILE).is_file()
-            card = render_card(stats, output_features(), repo_id=repo_id, has_histogram=has_histogram).encode()
-        operations = [
-            CommitOperationAdd("README.md", card),
-            # without the builder's local folders, like the card
-            CommitOperationAdd("stats.json", (json.dumps(public_stats(stats), indent=2) + "\n").encode()),
-        ]
-        if (output / HISTOGRAM_FILE).is_file():
-            operations.append(CommitOperationAdd(HISTOGRAM_FILE, str(output / HISTOGRAM_FILE)))
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        remote = api.list_repo_files(repo_id, repo_type="dataset")
+        uploaded = {operation.path_in_repo for operation in operations}
+        stale = sorted(
+            name
+            for name in remote
+            if name not in uploaded
+            and ((name.startswith(f"{DATA_DIR}/") and name.endswith(".parquet")) or name == HISTOGRAM_FILE)
+        )
+        operations += [CommitOperationDelete(name) for name in stale]
         api.create_commit(
             repo_id,
             operations,
-            commit_message="LongQA dataset card, stats and length histogram",
+            commit_message=commit_message or "LongQA dataset (longlora-hub)",
             repo_type="dataset",
         )
     except hub_errors() as error:
@@ -734,4 +809,5 @@ __all__ = [
     "load_tokenizer",
     "output_features",
     "push_longqa",
+    "shard_name",
 ]

@@ -156,8 +156,9 @@ def card_metadata(
     source_datasets: Sequence[str] = (),
 ) -> dict[str, Any]:
     r"""
-    The YAML metadata of the card: `configs` (so `load_dataset(repo_id)` finds the parquet files of each split),
-    `dataset_info` (features and split sizes), license, source datasets, task categories and tags.
+    The YAML metadata of the card: `configs` (so `load_dataset(repo_id)` and the Hub viewer find the parquet shards
+    of each split under `data/`), `dataset_info` (features, split sizes in rows and bytes, as `datasets` writes it),
+    license, source datasets, task categories and tags.
     """
     splits = {name: count for name, count in stats["splits"].items() if count}
     tasks = set(stats["rows"]["by_task"])
@@ -178,11 +179,25 @@ def card_metadata(
                 "data_files": [{"split": name, "path": f"data/{name}-*"} for name in splits],
             }
         ],
-        "dataset_info": {
-            "features": features_yaml(features),
-            "splits": [{"name": name, "num_examples": count} for name, count in splits.items()],
-        },
+        "dataset_info": _dataset_info(stats, features, splits),
     }
+
+
+def _dataset_info(stats: Mapping[str, Any], features, splits: Mapping[str, int]) -> dict[str, Any]:
+    """`dataset_info` as `datasets` writes it: features, and each split's `num_bytes` (Arrow) and `num_examples`,
+    with `download_size` (parquet) and `dataset_size`; a build that recorded no sizes gets the counts only."""
+    sizes = stats.get("bytes") or {}
+    split_bytes = sizes.get("splits") or {}
+    info: dict[str, Any] = {"features": features_yaml(features)}
+    if all(name in split_bytes for name in splits):
+        info["splits"] = [
+            {"name": name, "num_bytes": int(split_bytes[name]), "num_examples": count} for name, count in splits.items()
+        ]
+        info["download_size"] = int(sizes.get("download_size", 0))
+        info["dataset_size"] = sum(int(split_bytes[name]) for name in splits)
+    else:
+        info["splits"] = [{"name": name, "num_examples": count} for name, count in splits.items()]
+    return info
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -312,7 +327,7 @@ def render_card(
     histogram = (
         f"![Length histogram]({HISTOGRAM_FILE})"
         if has_histogram
-        else "_No histogram: matplotlib was not installed when this was built._"
+        else "_No histogram: matplotlib was not installed when this was built (`pip install 'longlora-hub[plots]'`)._"
     )
     license_note = (
         f"License of this build: `{config['license']}`"
@@ -342,21 +357,21 @@ def save_length_histogram(
     lengths_by_split: Mapping[str, Sequence[int]], path: str | Path, max_length: int | None = None
 ) -> bool:
     r"""
-    Draw the token-length histogram of each split into a PNG; False (and nothing written) without matplotlib.
+    Draw the token-length histogram of each split into a PNG; False (and nothing written) without matplotlib (the
+    optional `plots` extra: `pip install 'longlora-hub[plots]'`).
 
-    Bins are spaced evenly on a log scale, since lengths span short instructions to whole books.
+    Bins are spaced evenly on a log scale, since lengths span short instructions to whole books. The figure is a
+    `matplotlib.figure.Figure` of its own, never a pyplot one: the caller's backend and figures are left alone.
     """
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         return False
     import numpy as np
 
-    matplotlib.use("Agg", force=True)  # no display on a build machine
-    import matplotlib.pyplot as plt
-
     everything = [length for lengths in lengths_by_split.values() for length in lengths]
-    figure, axes = plt.subplots(figsize=(7, 3.5), dpi=100)
+    figure = Figure(figsize=(7, 3.5), dpi=100)
+    axes = figure.add_subplot()
     if everything:
         low, high = max(1, min(everything)), max(everything)
         bins = np.geomspace(low, max(high, low + 1), num=40)
@@ -372,7 +387,6 @@ def save_length_histogram(
     axes.set_title("LongQA row lengths")
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
     return True
 
 
