@@ -95,11 +95,13 @@ def _add_command_groups() -> None:
     from .cli_eval import eval_group
     from .cli_longqa import longqa_group
     from .cli_publish import merge_command, push_command
+    from .generate import generate_command
 
     main.add_command(eval_group)
     main.add_command(longqa_group)
     main.add_command(merge_command)
     main.add_command(push_command)
+    main.add_command(generate_command)
 
 
 _add_command_groups()
