@@ -4,6 +4,7 @@ The exactness proof runs in 2 and 4 processes over gloo (`tests/cp_worker.py`): 
 and every parameter's gradient equal the single-process S² run, for segments and roll, GQA/MQA, remainder groups,
 padding and packing, on the sdpa, eager and flash (stand-in) paths. The refusals are checked here, in one process."""
 
+import importlib.util
 import os
 import re
 import socket
@@ -138,3 +139,17 @@ def test_recipe_with_context_parallel_size_2_trains_the_single_process_adapter(t
     assert single.keys() == sharded.keys() and single
     for name, weight in single.items():
         torch.testing.assert_close(sharded[name], weight, atol=1e-5, rtol=0, msg=name)
+
+
+def test_benchmark_counts_a_constant_halo_against_a_growing_ring():
+    """benchmarks/context_parallel.py's computed table: the halo does not grow with N or P, a ring does, and the
+    configurations the halo exchange refuses (G/2 > N/P) are not in it."""
+    spec = importlib.util.spec_from_file_location("cp_bench", ROOT / "benchmarks" / "context_parallel.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.computed(8192)
+    assert {row["halo_MiB"] for row in rows} == {128.0}  # 2 x 4096 tokens x 32 heads x 128 x (k, v) x 2 bytes
+    assert all(row["N"] // row["P"] >= 4096 for row in rows)
+    assert (16384, 8) not in {(row["N"], row["P"]) for row in rows}
+    by_cell = {(row["N"], row["P"]): row["ring/halo"] for row in rows}
+    assert by_cell[(16384, 2)] == 3.0 and by_cell[(2**20, 64)] > by_cell[(2**20, 8)] > by_cell[(2**17, 8)]
