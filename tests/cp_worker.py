@@ -73,7 +73,7 @@ def check_halo_lengths(parallel: ContextParallel) -> None:
 def check_training_step(parallel: ContextParallel, kind: str) -> None:
     """A LlamaLongLoRA step: the loss averaged over the ranks and every gradient averaged over the ranks (what DDP
     does) equal the single-process step on the whole rows."""
-    _, model = pair(s2_group_size=8)
+    _, model = pair(s2_group_size=8, s2_shift="roll" if kind == "roll" else "segments")
     model.train()
     ids = torch.randint(3, 384, (2, N), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
@@ -111,7 +111,7 @@ def main() -> None:
     for case in CASES:
         for backend in BACKENDS:
             check_attention(parallel, case, backend)
-    for kind in ("plain", "padded", "packed"):
+    for kind in ("plain", "roll", "padded", "packed"):
         check_training_step(parallel, kind)
     dist.barrier()
     print(f"rank {parallel.rank} ok", flush=True)
