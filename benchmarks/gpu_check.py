@@ -21,7 +21,7 @@ it measured. A readable table is printed at the end. The exit code is 1 if any c
   --dtype bfloat16 --attn sdpa`, the four cases: step time and peak memory of S² against full attention.
 - `attention_sdpa` (torch, transformers): `attention.py --lengths 32768 65536 --dtype bfloat16` with full, S² sdpa,
   the naive roll, and S² flash_attention_2 when flash_attn imports.
-- `train_step_flex_attention` (+ triton): as `train_step_sdpa` with `--attn flex_attention`, the two lora_plus cases.
+- `train_step_flex_attention` (+ triton): as `train_step_sdpa` with `--attn flex_attention`, the two longlora cases.
 - `attention_flex_attention` (+ triton): `attention.py --lengths 65536` with full and S² flex_attention.
 - `targets`: S²/full attention time <= 0.30 at 64k (sdpa); S² peak memory below full attention's (sdpa, and flash
   when it ran), judged on the `attention_sdpa` figures.
@@ -30,7 +30,7 @@ The flex checks run last: torch.compile of flex_attention takes 20-60 s per new 
 compiles anew, so they get what is left of `--budget-s` (default 450 s for the whole run).
 
 `--dry-run` runs every check on the CPU with tiny shapes (parity at N=128 in fp32, the small train_step preset
-with 1 layer at N=256 and its two lora_plus cases, attention.py at N=512 in fp32 with full and S² sdpa) in about a
+with 1 layer at N=256 and its two longlora cases, attention.py at N=512 in fp32 with full and S² sdpa) in about a
 minute on 2 cores, so that every check's imports, arguments and code path resolve; what needs CUDA (flex_attention's
 backward, flash-attn) is skipped, with the reason, and the flex benchmarks' arguments are only parsed. Its targets
 are reported, not judged. tests/test_gpu_check.py runs it.
@@ -589,9 +589,9 @@ def train_arguments(config: dict, attn: str, cases: list[str] | None, budget_s: 
 
 
 def check_train_step(args, config, timeout_s, env_figures, attn: str) -> dict:
-    # flex: the two lora_plus cases only (each compiles); the dry run too (2 cores: 4 processes cost ~15 s more)
-    lora_plus = ["s2+lora_plus", "full_attention+lora_plus"]
-    cases = lora_plus if attn == "flex_attention" or args.dry_run else None
+    # flex: the two longlora cases only (each compiles); the dry run too (2 cores: 4 processes cost ~15 s more)
+    longlora = ["s2+longlora", "full_attention+longlora"]
+    cases = longlora if attn == "flex_attention" or args.dry_run else None
     arguments = train_arguments(config, attn, cases, max(30.0, timeout_s - 60))
     if attn == "flex_attention" and args.dry_run:
         figures = dry_run_argv_check("train_step.py", arguments, timeout_s)
@@ -766,7 +766,7 @@ def headline(name: str, check: dict) -> str:
         return "; ".join(parts + [f"{b} skipped" for b in figures.get("skipped_backends", {})])
     if name.startswith("train_step_"):
         r = figures.get("ratios", {})
-        modes = [mode for mode in ("lora_plus", "full") if f"time_s2/full_attention@{mode}" in r]
+        modes = [mode for mode in ("longlora", "full") if f"time_s2/full_attention@{mode}" in r]
         return "; ".join(
             f"{mode}: S²/full time {r[f'time_s2/full_attention@{mode}']} mem {r.get(f'mem_s2/full_attention@{mode}')}"
             for mode in modes

@@ -1,7 +1,7 @@
 """Peak memory of `longlora-hub merge` (streamed, tensor by tensor) against loading the same model whole.
 
 A random Llama (default: 6 layers, hidden 512, intermediate 1376, vocab 1024, fp32, about 80 MB) is saved in 8
-safetensors shards with a `lora_plus` adapter (LoRA on q, k, v, o plus trained embeddings and norms, all changed).
+safetensors shards with a `longlora` adapter (LoRA on q, k, v, o plus trained embeddings and norms, all changed).
 Three cases, each in its own fresh process that first imports every library any case uses, measured as the growth
 of the peak RSS (VmHWM) over the footprint after those imports (the kernel's high-water mark is reset there):
 

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = sft.main(
             [
                 *("--config", str(RECIPE), "--output_dir", str(run_dir), "--model_name_or_path", str(folder)),
-                *("--dataset_name", "", "--data_files", *map(str, sorted(data.glob("*.txt"))), "--streaming", "false"),
+                *("--dataset_name", "", "--data_files", *map(str, sorted(data.glob("*.txt")))),
+                *("--dataset_streaming", "false"),
                 *("--context_length", str(args.seq_len), "--max_length", str(args.seq_len)),
                 *("--dtype", "float32", "--bf16", "false", "--use_cpu", "true", "--gradient_accumulation_steps", "1"),
                 *("--learning_rate", str(args.learning_rate), "--warmup_steps", "10", "--max_steps", str(args.steps)),

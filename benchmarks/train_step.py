@@ -1,16 +1,17 @@
-"""Benchmark one whole training step of a LlamaLongLoRA model: S²-Attn against full attention, LoRA+ against full FT.
+"""Benchmark one whole training step of a LlamaLongLoRA model: S²-Attn against full attention, `longlora` against full
+fine-tuning.
 
 One step is what a trainer does per batch: forward with labels (so the loss, over the LM head's N x vocab logits,
 is included), `loss.backward()`, `AdamW.step()` and `zero_grad()`. Four cases run in ONE invocation and the ratios
 are computed inside it (absolute timings on shared machines drift from run to run, ratios taken side by side do
 not):
 
-| case                       | attention                   | trainable                                        |
-|----------------------------|-----------------------------|--------------------------------------------------|
-| `s2+lora_plus`             | S² (`s2_attention=True`)    | `lora_plus`: LoRA r=8 on q,k,v,o + embed + norms |
-| `full_attention+lora_plus` | full (`s2_attention=False`) | `lora_plus`                                      |
-| `s2+full`                  | S²                          | every parameter                                  |
-| `full_attention+full`      | full                        | every parameter                                  |
+| case                      | attention                   | trainable                                       |
+|---------------------------|-----------------------------|-------------------------------------------------|
+| `s2+longlora`             | S² (`s2_attention=True`)    | `longlora`: LoRA r=8 on q,k,v,o + embed + norms |
+| `full_attention+longlora` | full (`s2_attention=False`) | `longlora`                                      |
+| `s2+full`                 | S²                          | every parameter                                 |
+| `full_attention+full`     | full                        | every parameter                                 |
 
 The default is a small Llama-shaped model on CPU in fp32 (2 layers, hidden 512, 8 heads of 64, intermediate 1376,
 vocab 32000, random weights) at N=16384, batch 1. `--preset 7b-layers` gives Llama-2-7B-shaped layers (hidden 4096,
@@ -63,7 +64,7 @@ PRESETS = {
     "7b-layers": {"hidden_size": 4096, "num_attention_heads": 32, "intermediate_size": 11008, "layers": 4},
 }
 ATTENTIONS = ("s2", "full_attention")
-TRAINABLES = ("lora_plus", "full")
+TRAINABLES = ("longlora", "full")
 CASES = tuple(f"{attention}+{trainable}" for trainable in TRAINABLES for attention in ATTENTIONS)
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
 GROUP_RATIO = 0.25  # LlamaLongLoRAConfig's default s2_group_size_ratio, the paper's G = N/4
@@ -87,7 +88,7 @@ def model_shape(args: argparse.Namespace) -> dict:
 
 def build_model(case: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """A randomly initialised LlamaLongLoRAForCausalLM for `case` (the same weights in every case), wrapped by
-    PEFT for `lora_plus`, in training mode."""
+    PEFT for `longlora`, in training mode."""
     from longlora_hub.remote_code.configuration_llama_longlora import LlamaLongLoRAConfig
     from longlora_hub.remote_code.modeling_llama_longlora import LlamaLongLoRAForCausalLM
     from longlora_hub.trainable import lora_config
@@ -294,8 +295,8 @@ def targets(ratios: dict, seq_len: int) -> dict:
             "value": value,
             "met": None if value is None else value <= TARGET_S2_OVER_FULL_ATTENTION,
         }
-    memory = ratios.get("mem_lora_plus/full@s2")
-    result["mem_lora_plus/full@s2"] = {
+    memory = ratios.get("mem_longlora/full@s2")
+    result["mem_longlora/full@s2"] = {
         "target": f"< {TARGET_LORA_PLUS_OVER_FULL_MEM} (peak memory growth of a step, S² in both)",
         "value": memory,
         "met": None if memory is None else memory < TARGET_LORA_PLUS_OVER_FULL_MEM,
@@ -355,10 +356,10 @@ def run_driver(args: argparse.Namespace) -> dict:
         ratios[f"cpu_s2/full_attention@{mode}"] = ratio(s2, full, "cpu_s")
         ratios[f"mem_s2/full_attention@{mode}"] = ratio(s2, full, "peak_mem_mib")
     for attention in ATTENTIONS:
-        lora_plus, full = cases.get(f"{attention}+lora_plus"), cases.get(f"{attention}+full")
-        ratios[f"time_lora_plus/full@{attention}"] = ratio(lora_plus, full)
-        ratios[f"cpu_lora_plus/full@{attention}"] = ratio(lora_plus, full, "cpu_s")
-        ratios[f"mem_lora_plus/full@{attention}"] = ratio(lora_plus, full, "peak_mem_mib")
+        longlora, full = cases.get(f"{attention}+longlora"), cases.get(f"{attention}+full")
+        ratios[f"time_longlora/full@{attention}"] = ratio(longlora, full)
+        ratios[f"cpu_longlora/full@{attention}"] = ratio(longlora, full, "cpu_s")
+        ratios[f"mem_longlora/full@{attention}"] = ratio(longlora, full, "peak_mem_mib")
     report["ratios"] = {name: value for name, value in ratios.items() if value is not None}
     report["targets"] = targets(report["ratios"], args.length)
     report["total_wall_s"] = round(time.perf_counter() - started, 1)

@@ -8,8 +8,34 @@ import click
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="longlora-hub", prog_name="longlora-hub")
-def main() -> None:
-    """LongLoRA for the Hugging Face ecosystem: extend Llama checkpoints to long contexts."""
+@click.option(
+    "--verbose",
+    "-v",
+    count=True,
+    help="More messages on stderr: -v adds longlora-hub's debug messages and transformers' and huggingface_hub's "
+    "info messages, -vv their debug messages too.",
+)
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="Only warnings and errors on stderr (transformers' and huggingface_hub's errors only), and no progress "
+    "bars. Results still go to stdout.",
+)
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """LongLoRA for the Hugging Face ecosystem: extend Llama checkpoints to long contexts.
+
+    Results (tables, answers, paths) go to stdout, messages and progress bars to stderr. -v and -q go before the
+    command (`longlora-hub -q eval ppl ...`): after it, -q is the command's own option where it has one (generate's
+    --question).
+    """
+    if verbose and quiet:
+        raise click.UsageError("-v/--verbose and -q/--quiet exclude each other; pass one of them.")
+    from .log import cli_verbosity
+
+    # set for this command only: put back when it ends (a test or another program calling `main` keeps its settings)
+    ctx.with_resource(cli_verbosity(verbose, quiet))
 
 
 @main.command()

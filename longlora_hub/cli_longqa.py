@@ -119,7 +119,7 @@ def build_command(repo_id: str | None, private: bool, **options) -> None:
         check_output_folder(config.output)
         # check the token and the Hub before the build, not after an hour of it
         token = check_hub_access() if repo_id else None
-        result = build_longqa(config, echo=lambda line: click.echo(line, err=True), repo_id=repo_id)
+        result = build_longqa(config, repo_id=repo_id)  # its progress: logged and drawn on stderr
     except (ValueError, OSError, ImportError, LongQAPushError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(format_summary(result.stats, result.output))

@@ -6,6 +6,10 @@ from typing import Any
 
 import click
 
+from .log import get_logger
+
+logger = get_logger(__name__)
+
 
 class ShardSize(click.ParamType):
     """A shard size: a number of bytes or a size such as 5GB, 500MB or 2GiB, read as huggingface_hub and
@@ -131,13 +135,14 @@ def push_command(
         plan = plan_push(
             folder, repo_id, checkpoint=checkpoint, include_training_state=include_training_state, base_model=base_model
         )
-        click.echo(f"Pushing {plan.folder} ({plan.kind}) to {repo_id}: {len(plan.files)} files")
+        # what is about to happen goes to stderr (hidden by -q); stdout holds what was pushed where
+        logger.info(f"pushing {plan.folder} ({plan.kind}) to {repo_id}: {len(plan.files)} files")
         if plan.skipped:
-            click.echo(f"  left out: {', '.join(plan.skipped)}")
+            logger.info(f"left out: {', '.join(plan.skipped)}")
         for warning in plan.warnings:
-            click.echo(f"  warning: {warning}")
+            logger.warning(warning)
         if plan.base_model is None:
-            click.echo("  the base model's Hub id is unknown: the card names none (pass --base-model to set it)")
+            logger.warning("the base model's Hub id is unknown: the card names none (pass --base-model to set it)")
         result = push_folder(
             folder,
             repo_id,

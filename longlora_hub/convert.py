@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .log import get_logger, progress_bar
 from .rope import EXTENSION_ROPE_TYPES, position_interpolation, read_rope
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ STAGING_OWNER_FILE = ".longlora-hub-writer.json"
 # a staging folder whose writer cannot be checked (another machine, or one from a version that did not record it) is
 # removed once nothing in it has changed for this long: no write of a checkpoint pauses for a day
 STALE_STAGING_HOURS = 24
+logger = get_logger(__name__)
 
 # the weight formats transformers loads, in its order of preference, each with the index that names its shards: a
 # checkpoint holding both is read from safetensors only, so only those are downloaded and copied
@@ -280,6 +281,7 @@ def resolve_checkpoint(base: str | Path, revision: str | None = None) -> Path:
             raise _download_error(base, error) from error
 
     needed = checkpoint_files(names, download)
+    logger.debug(f"{base}: fetching {len(needed)} of its {len(names)} files ({', '.join(needed)})")
     try:
         # the names as literal patterns: snapshot_download matches with fnmatch, whose `*` also crosses folders
         return Path(snapshot_download(base, revision=revision, allow_patterns=[glob.escape(n) for n in needed]))
@@ -470,10 +472,6 @@ def _check_output(output: Path, base_folder: Path) -> None:
 # staging: a checkpoint is written into a hidden sibling folder and renamed onto the output when complete
 
 
-def _say(message: str) -> None:
-    print(f"[longlora-hub] {message}", file=sys.stderr)
-
-
 def _process_start_time(pid: int) -> int | None:
     """When process `pid` started (clock ticks since boot, Linux), to tell it from a later process given the same
     PID; `None` where `/proc` does not say."""
@@ -575,22 +573,22 @@ def remove_stale_staging(output: str | Path) -> list[Path]:
         if alive is None:
             hours = _hours_since_last_change(folder)
             if hours < STALE_STAGING_HOURS:
-                _say(
+                logger.info(
                     f"left {folder} alone: a run elsewhere may still be writing {output.name} (changed {hours:.1f} "
                     f"hours ago); it is removed once untouched for {STALE_STAGING_HOURS} hours, or remove it yourself."
                 )
                 continue
             why = f"untouched for {hours:.0f} hours"
         elif alive:
-            _say(f"left {folder} alone: process {record['pid']} is still writing {output.name} there.")
+            logger.info(f"left {folder} alone: process {record['pid']} is still writing {output.name} there.")
             continue
         else:
             why = f"process {record['pid']} that wrote it has ended"
         shutil.rmtree(folder, ignore_errors=True)
         if folder.exists():
-            _say(f"could not remove {folder}, left by an interrupted run ({why}); remove it yourself.")
+            logger.warning(f"could not remove {folder}, left by an interrupted run ({why}); remove it yourself.")
             continue
-        _say(f"removed {folder}, left by an interrupted run ({why}).")
+        logger.info(f"removed {folder}, left by an interrupted run ({why}).")
         removed.append(folder)
     return removed
 
@@ -792,16 +790,31 @@ def convert_checkpoint(
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
         for path in remote_code_files():
             shutil.copyfile(path, staging / path.name)
+        weights = [path for path in files if path.name.endswith((".safetensors", ".bin"))]
         for path in files:
-            if link_weights and path.name.endswith((".safetensors", ".bin")):
+            if path in weights and link_weights:
                 (staging / path.name).symlink_to(path.resolve())
-            else:
+            elif path not in weights:
                 shutil.copyfile(path, staging / path.name)  # follows Hub-cache symlinks: the output stands alone
+        if not link_weights:
+            _copy_weights(weights, staging)
         finish_staging(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+def _copy_weights(paths: list[Path], folder: Path) -> None:
+    """Copy the weight files into `folder` (following Hub-cache links: the output stands alone), with a progress bar
+    over their bytes, the only part of a conversion that takes long. File by file, each with `shutil.copyfile`, which
+    lets the kernel copy (`sendfile`) where Python would read and write every byte."""
+    sizes = [path.stat().st_size for path in paths]
+    logger.debug(f"copying {len(paths)} weight files ({sum(sizes) / 1e9:.2f} GB) into {folder}")
+    with progress_bar("convert", total=sum(sizes), desc="copying weights", unit="B", unit_scale=True) as bar:
+        for path, size in zip(paths, sizes, strict=True):
+            shutil.copyfile(path, folder / path.name)
+            bar.update(size)
 
 
 __all__ = [

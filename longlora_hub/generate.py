@@ -11,8 +11,8 @@ streams the answer to stdout as it is produced.
 Everything that can be checked before the model's weights load is: the document, the model's config and code, the
 tokenizer, the prompt, and whether prompt and answer fit the model's context.
 
-Only click is imported at module level: torch and transformers load inside the functions, so that
-`longlora-hub --help` answers at once.
+Only click (and this package's logging) is imported at module level: torch and transformers load inside the
+functions, so that `longlora-hub --help` answers at once.
 """
 
 from __future__ import annotations
@@ -24,9 +24,13 @@ from typing import Any
 
 import click
 
+from .log import get_logger
+
 TEMPLATES = ("auto", "chat", "inst")
 DEFAULT_MAX_NEW_TOKENS = 512
 BUILTIN_MODEL = "builtin:tiny-llama-pretrained"  # the shipped tiny base, for trying the command without a download
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -434,8 +438,8 @@ def generate_command(
 
     MODEL is a merged or LlamaLongLoRA checkpoint, a stock model, or a base with --adapter (a folder or a Hub id;
     builtin:tiny-llama-pretrained is the tiny base this package ships). Generation uses full attention and the KV
-    cache, greedy unless --temperature is above 0. What was loaded and the prompt's length go to stderr, so stdout
-    holds the answer alone.
+    cache, greedy unless --temperature is above 0. What was loaded and the prompt's length go to stderr (not with
+    `longlora-hub -q generate ...`), so stdout holds the answer alone.
 
     \b
     longlora-hub generate ./llama-2-7b-longlora-32k --material paper.pdf --question "What is the main idea?"
@@ -455,12 +459,11 @@ def generate_command(
         prompt = build_prompt(tokenizer, document, question, template)
         check_context(config, len(prompt.input_ids), max_new_tokens, source.base)  # the checkpoint to convert
         limit = context_length(config)
-        click.echo(
+        logger.info(
             f"{model}{f' + {adapter}' if adapter else ''}: a {len(prompt.input_ids)}-token prompt ({prompt.template} "
             f"template) and up to {max_new_tokens} new tokens, context {limit or 'unlimited (dynamic NTK)'}; "
             f"{'sampling at temperature ' + format(temperature, 'g') if temperature > 0 else 'greedy'}, on "
-            f"{'the GPUs (device_map=auto)' if device == 'auto' else device}.",
-            err=True,
+            f"{'the GPUs (device_map=auto)' if device == 'auto' else device}."
         )
         loaded = load_model(source, device, dtype, attn_implementation, tokenizer=tokenizer)
         generate(

@@ -47,6 +47,7 @@ from .convert import (
     remote_code_files,
     resolve_checkpoint,
 )
+from .log import get_logger, progress_bar
 from .rope import legacy_rope_fields, read_rope
 from .shards import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -59,6 +60,7 @@ from .shards import (
     read_tensor,
     write_index,
 )
+from .trainable import RENAMED_MODES
 
 if TYPE_CHECKING:
     from huggingface_hub import StateDictSplit
@@ -166,6 +168,9 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga")
 LORA_BIAS_MODES = ("none", "all", "lora_only")  # biases trained as well are in the adapter's tensors
 # fields checked for the values a plain merge supports, one by one (in `_check_adapter_config`)
 CHECKED_FIELDS = frozenset({"peft_type", "lora_alpha", "alpha_pattern", "use_rslora", "bias", "init_lora_weights"})
+
+
+logger = get_logger(__name__)
 
 
 class MergeError(ValueError):
@@ -677,9 +682,15 @@ def merge_adapter(
     _check_free_space(output, split.metadata["total_size"])
 
     staging = create_staging(output)
+    logger.debug(
+        f"merging {len(lora.deltas)} LoRA pairs and {len(lora.replacements)} trained tensors into "
+        f"{len(split.filename_to_tensors)} shards of {base_folder}"
+    )
     try:
         with ExitStack() as stack:
             handles = {path: stack.enter_context(path.open("rb")) for path in files}
+            total = split.metadata["total_size"]
+            bar = stack.enter_context(progress_bar("merge", total=total, desc="merging", unit="B", unit_scale=True))
             for shard_name, names in split.filename_to_tensors.items():
                 shard = [sources[name] for name in names]
                 writer = ShardWriter(staging / shard_name, [(e.name, e.shape, d) for _, e, d in shard])
@@ -687,6 +698,7 @@ def merge_adapter(
                     for path, entry, out_dtype in shard:
                         tensor = _merged(entry.name, read_tensor(handles[path], entry), lora, out_dtype)
                         writer.write(entry.name, tensor)
+                        bar.update(tensor.numel() * tensor.element_size())
                         del tensor
                 except BaseException:
                     writer.abort()
@@ -699,6 +711,8 @@ def merge_adapter(
         provenance["license"] = read_license(base_folder)
         trained = read_provenance(lora.folder)  # how the adapter was trained, for the merged model's card
         provenance.update({key: trained[key] for key in RUN_RECORD_KEYS if trained.get(key) is not None})
+        if provenance.get("trainable") in RENAMED_MODES:  # a run recorded before its mode was renamed
+            provenance["trainable"] = RENAMED_MODES[provenance["trainable"]]
         if (lora.folder / "trainer_state.json").is_file():
             shutil.copyfile(lora.folder / "trainer_state.json", staging / "trainer_state.json")
         provenance.update(

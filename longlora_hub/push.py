@@ -28,6 +28,7 @@ from typing import Any
 from .convert import PROVENANCE_FILE, TOKENIZER_PATTERNS, read_license, read_provenance
 from .hub import HubPushError, check_hub_access, hub_errors, hub_failure
 from .rope import describe, read_rope
+from .trainable import RENAMED_MODES
 
 KINDS = ("adapter", "llama_longlora", "llama")
 TAGS = ("longlora", "long-context", "s2-attn")
@@ -408,7 +409,8 @@ def _training_section(record: dict[str, Any], state: dict[str, Any]) -> str:
         ),
         ("data", record.get("data")),
         ("sequence length", training.get("max_length")),
-        ("trainable", record.get("trainable")),
+        # a run recorded before a mode was renamed (lora_plus) is described by the mode's current name
+        ("trainable", RENAMED_MODES.get(record.get("trainable"), record.get("trainable"))),
         ("learning rate", training.get("learning_rate")),
         ("schedule", training.get("lr_scheduler_type")),
         ("batch size per device", training.get("per_device_train_batch_size")),

@@ -219,7 +219,7 @@ def _save_in_shards(model, folder, num_shards: int, total: int) -> None:
 
 def sharded_base_and_adapter(folder, num_shards: int = 8, seed: int = 0, **config_overrides):
     r"""
-    Save a random Llama base split into about `num_shards` safetensors shards, and a `lora_plus` PEFT adapter for
+    Save a random Llama base split into about `num_shards` safetensors shards, and a `longlora` PEFT adapter for
     it whose LoRA B matrices, embeddings and norms are all changed (so every kind of merge step has an effect).
 
     Returns:
@@ -237,7 +237,7 @@ def sharded_base_and_adapter(folder, num_shards: int = 8, seed: int = 0, **confi
     base = folder / "base"
     _save_in_shards(model, base, num_shards, total)
     build_tiny_tokenizer(model.config.vocab_size).save_pretrained(base)
-    peft_model = get_peft_model(model, lora_config("lora_plus"))
+    peft_model = get_peft_model(model, lora_config("longlora"))
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for parameter in peft_model.parameters():

@@ -7,11 +7,14 @@ Configuration flows one way: YAML (`--config`) -> these dataclasses and TRL's `S
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import re
 import time
 import types
 import typing
+import warnings
 import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,9 +23,12 @@ from transformers import TrainerCallback
 
 from .convert import trust_remote_code_for
 from .data import DEFAULT_TEMPLATE, load_raw_dataset, pack_documents, to_prompt_completion
+from .log import get_logger, set_verbosity
 from .remote_code.configuration_llama_longlora import S2_SHIFTS
 from .remote_code.s2_attention import s2_group_size
-from .trainable import LORA_TARGETS, TRAINABLE_MODES, lora_config
+from .trainable import LORA_TARGETS, TRAINABLE_MODES, lora_config, trainable_mode
+
+logger = get_logger(__name__)
 
 STAGES = ("extend", "longqa")
 BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-llama-3m", "builtin:tiny-llama-pretrained")
@@ -57,8 +63,16 @@ RUN_RESULTS = (
     "trainer_state.json",
     "training_args.bin",
 )
+# former recipe keys, accepted for one release as aliases of the names TRL's `ScriptArguments` uses (the same keys
+# as in TRL's own scripts), with a FutureWarning; giving both with different values is an error
+RENAMED_KEYS = {"dataset_split": "dataset_train_split", "streaming": "dataset_streaming"}
 
 
+# Not subclasses of TRL's `ModelConfig` and `ScriptArguments`, though the keys they share have TRL's names: those
+# classes would bring keys this recipe does not read (`use_peft`, `lora_task_type`, `load_in_8bit`, `load_in_4bit`,
+# `bnb_4bit_quant_type`, `use_dora`, `lora_target_parameters`, `dataset_test_split`, ...; `trainable` decides PEFT
+# and quantization here), listed as valid and silently ignored, and defaults that are not the paper's (`lora_r` 16,
+# `lora_dropout` 0.05, `dtype` float32).
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
@@ -99,14 +113,25 @@ class ModelArguments:
 class LongLoRAArguments:
     stage: str = field(default="extend", metadata={"help": "extend (long plain text) or longqa (supervised QA)."})
     trainable: str = field(
-        default="lora_plus",
-        metadata={"help": "lora_plus (LoRA + embeddings + norms, the paper), lora, full, or qlora (GPU)."},
+        default="longlora",
+        metadata={
+            "help": "longlora (LoRA + embeddings + norms: the paper's, which it calls LoRA+), lora, full, or qlora "
+            "(GPU: longlora on a 4-bit base). lora_plus, the former name of longlora, is accepted with a warning."
+        },
     )
+    # the LoRA keys have the names of TRL's ModelConfig; their defaults are the paper's
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(LORA_TARGETS), metadata={"help": "Projections that get LoRA."}
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "More modules trained in full and saved in the adapter (PEFT's modules_to_save), e.g. [lm_head]; "
+            "added to what trainable implies (embed_tokens and the norms for longlora and qlora)."
+        },
     )
     s2_attention: bool = field(default=True, metadata={"help": "Train with S²-Attn (full attention if false)."})
     s2_group_size_ratio: float = field(default=0.25, metadata={"help": "S² group size / sequence length."})
@@ -122,6 +147,10 @@ class LongLoRAArguments:
             "exchanges a halo of G/2 tokens' keys and values with the next process); data parallel over the rest."
         },
     )
+
+    def __post_init__(self):
+        if isinstance(self.trainable, str):  # another type is named by check_arguments
+            self.trainable = trainable_mode(self.trainable, stacklevel=3)
 
 
 @dataclass
@@ -141,8 +170,17 @@ class DataArguments:
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the data (corpora that do not fit on disk)."})
+    # TRL's ScriptArguments names; unset (None) so that a clash with a former name is seen, then their default
+    dataset_train_split: str | None = field(default=None, metadata={"help": "Split to train on; train when unset."})
+    dataset_streaming: bool | None = field(
+        default=None, metadata={"help": "Stream the data (corpora that do not fit on disk); false when unset."}
+    )
+    dataset_split: str | None = field(
+        default=None, metadata={"help": "Former name of dataset_train_split, accepted until the next release."}
+    )
+    streaming: bool | None = field(
+        default=None, metadata={"help": "Former name of dataset_streaming, accepted until the next release."}
+    )
     builtin_rows: int = field(default=64, metadata={"help": "How many rows (documents) a builtin: dataset has."})
     text_field: str = field(default="text", metadata={"help": "extend stage: column holding the documents."})
     keep_documents_apart: bool = field(
@@ -158,6 +196,34 @@ class DataArguments:
     use_chat_template: bool = field(
         default=False, metadata={"help": "longqa stage: use the tokenizer's chat template instead."}
     )
+
+    def __post_init__(self):
+        _resolve_renamed_keys(self, {"dataset_train_split": "train", "dataset_streaming": False})
+
+
+def _resolve_renamed_keys(arguments, defaults: dict) -> None:
+    """Move the values given under a former key (`RENAMED_KEYS`) to its new one, with a FutureWarning naming the new
+    key; refuse both keys with different values; then give an unset new key its default. The former key is left
+    unset, so that the dataclass holds each setting once."""
+    for old, new in RENAMED_KEYS.items():
+        given, current = getattr(arguments, old), getattr(arguments, new)
+        if given is not None:
+            if current is not None and current != given:
+                raise ValueError(
+                    f"{old}={given!r} and {new}={current!r} disagree: {old} is the former name of {new}. Keep "
+                    f"{new} alone."
+                )
+            shown = json.dumps(given) if isinstance(given, bool) else given  # as YAML writes it: true, not True
+            warnings.warn(
+                f"{old} is now called {new} (the name TRL's scripts use); write {new}: {shown}. The name {old} will "
+                "stop working in the next release.",
+                FutureWarning,
+                stacklevel=4,
+            )
+            setattr(arguments, new, given)
+            setattr(arguments, old, None)
+        if getattr(arguments, new) is None and new in defaults:
+            setattr(arguments, new, defaults[new])
 
 
 def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data_args, training_args) -> None:
@@ -176,6 +242,11 @@ def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data
         raise ValueError(f"stage must be one of {STAGES}, got {ll_args.stage!r}.")
     if ll_args.trainable not in TRAINABLE_MODES:
         raise ValueError(f"trainable must be one of {TRAINABLE_MODES}, got {ll_args.trainable!r}.")
+    if ll_args.trainable == "full" and ll_args.lora_modules_to_save:
+        raise ValueError(
+            f"lora_modules_to_save ({', '.join(ll_args.lora_modules_to_save)}) adds modules trained in full to a LoRA "
+            "adapter; trainable: full trains every module already. Remove lora_modules_to_save, or pick a LoRA mode."
+        )
     if model_args.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {model_args.dtype!r}.")
     if ll_args.trainable == "qlora":
@@ -185,7 +256,7 @@ def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data
 
         if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError(
-                "trainable: qlora needs a CUDA GPU and bitsandbytes (pip install 'longlora-hub[gpu]'); use lora_plus "
+                "trainable: qlora needs a CUDA GPU and bitsandbytes (pip install 'longlora-hub[gpu]'); use longlora "
                 "on this machine."
             )
     if ll_args.s2_shift not in S2_SHIFTS:
@@ -675,7 +746,7 @@ def _remove_stale_base(base: Path, wanted: dict, output_dir: Path) -> None:
             f"{what}, and it holds what a conversion does not write ({', '.join(strays[:4])}), so it is not removed. "
             f"Move those out of {base}, or pass another output_dir."
         )
-    print(f"[longlora-hub] {what}: converting it again", flush=True)
+    logger.info(f"{what}: converting it again")
     for entry in base.iterdir():
         entry.unlink()  # a link to the source's weights goes, never the weights it points to
     base.rmdir()
@@ -805,8 +876,8 @@ def load_data(data_args: DataArguments):
     return load_raw_dataset(
         data_args.dataset_name,
         data_args.data_files,
-        split=data_args.dataset_split,
-        streaming=data_args.streaming,
+        split=data_args.dataset_train_split,
+        streaming=data_args.dataset_streaming,
         dataset_config=data_args.dataset_config,
         num_builtin_rows=data_args.builtin_rows,
     )
@@ -881,23 +952,61 @@ def drop_too_long(dataset, tokenizer, length: int, group_size: int | None = None
             "raise max_length (and context_length), or filter the data."
         )
     if len(keep) < len(sizes):
-        print(f"[longlora-hub] dropped {len(sizes) - len(keep)} of {len(sizes)} examples longer than {length} tokens")
+        logger.info(f"dropped {len(sizes) - len(keep)} of {len(sizes)} examples longer than {length} tokens")
         dataset = dataset.select(keep)
     longest = max(sizes[index] for index in keep)
     if group_size is not None and group_size > longest:
-        print(
-            f"[longlora-hub] warning: s2_group_size={group_size} is above the longest example ({longest} tokens), so "
-            "every row fits in one S² group: training is close to full attention and S²-Attn saves nothing. Lower "
-            "s2_group_size, or leave it unset so that s2_group_size_ratio sizes the groups of each batch.",
-            flush=True,
+        logger.warning(
+            f"s2_group_size={group_size} is above the longest example ({longest} tokens), so every row fits in one S² "
+            "group: training is close to full attention and S²-Attn saves nothing. Lower s2_group_size, or leave it "
+            "unset so that s2_group_size_ratio sizes the groups of each batch."
         )
     return dataset
 
 
 def peft_config(ll_args: LongLoRAArguments):
     return lora_config(
-        ll_args.trainable, ll_args.lora_r, ll_args.lora_alpha, ll_args.lora_dropout, ll_args.lora_target_modules
+        ll_args.trainable,
+        ll_args.lora_r,
+        ll_args.lora_alpha,
+        ll_args.lora_dropout,
+        ll_args.lora_target_modules,
+        extra_modules_to_save=ll_args.lora_modules_to_save or (),
     )
+
+
+def is_main_process() -> bool:
+    """Whether this is the first process of the run (or the only one): `RANK`, which `accelerate launch` and
+    `torchrun` set for every process, is 0 or unset. Read from the environment, so that it is known before the
+    arguments (and with them the distributed state) exist."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def set_process_verbosity(training_args=None) -> None:
+    r"""
+    Let the main process alone print the run's messages: every process reads the same data and settings, so the
+    others would only repeat them (4 nodes of 8 GPUs: 32 copies of "dropped 3 examples").
+
+    On the main process this package's messages follow `training_args.log_level` (left as they are, INFO unless
+    set otherwise, when it is `passive`, the default). On the others only errors are printed, unless
+    `log_level_replica` asks for more than its default `warning`, and `FutureWarning`s (deprecations, a renamed key's
+    among them: the same on every process) are not shown. Transformers' own messages follow the same two settings
+    (the Trainer sets them).
+
+    Args:
+        training_args (`SFTConfig`, *optional*):
+            The run's arguments; without them (before parsing), only the split between main and other processes.
+    """
+    if not is_main_process():
+        level = logging.ERROR
+        replica = getattr(training_args, "log_level_replica", "warning")
+        if replica not in ("warning", "passive"):
+            level = training_args.get_process_log_level()
+        set_verbosity(level)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return
+    if getattr(training_args, "log_level", "passive") != "passive":
+        set_verbosity(training_args.get_process_log_level())
 
 
 class TokensPerSecondCallback(TrainerCallback):
@@ -922,6 +1031,7 @@ __all__ = [
     "DataArguments",
     "LongLoRAArguments",
     "ModelArguments",
+    "RENAMED_KEYS",
     "TokensPerSecondCallback",
     "build_dataset",
     "check_arguments",
@@ -929,12 +1039,14 @@ __all__ = [
     "add_shard_labels",
     "data_collator",
     "enable_context_parallel",
+    "is_main_process",
     "load_data",
     "load_model_and_tokenizer",
     "peft_config",
     "prepare_base",
     "read_conversion_record",
     "resume_checkpoint",
+    "set_process_verbosity",
     "share_batches_within_context_groups",
     "write_run_record",
 ]

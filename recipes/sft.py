@@ -26,6 +26,7 @@ from accelerate import PartialState
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from longlora_hub.training import (
+    RENAMED_KEYS,
     DataArguments,
     LongLoRAArguments,
     ModelArguments,
@@ -39,6 +40,7 @@ from longlora_hub.training import (
     load_model_and_tokenizer,
     peft_config,
     prepare_base,
+    set_process_verbosity,
     share_batches_within_context_groups,
     write_run_record,
 )
@@ -71,8 +73,10 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
 
 def prepare(argv: list[str] | None = None) -> tuple[SFTTrainer, Path, tuple]:
     """Everything before the first step. A mistake of the user's raises `ValueError` or `OSError` naming the fix."""
+    set_process_verbosity()  # the main process alone prints, from the parsing's warnings on
     parser = TrlParser((ModelArguments, LongLoRAArguments, DataArguments, SFTConfig), exit_on_error=False)
     model_args, ll_args, data_args, training_args = parse(parser, argv)
+    set_process_verbosity(training_args)  # with the run's log_level and log_level_replica
     check_arguments(model_args, ll_args, data_args, training_args)  # also finds the checkpoint to resume from
     training_args.include_num_input_tokens_seen = True
 
@@ -116,7 +120,8 @@ def parse(parser: TrlParser, argv: list[str] | None):
         )
     except argparse.ArgumentError as error:  # a flag's value argparse cannot convert, e.g. `--lora_r 8.5`
         raise SystemExit(f"{error}; see python recipes/sft.py --help.") from None
-    valid = sorted({action.dest for action in parser._actions} - {"help", "config"})
+    # the former names of renamed keys still work, but are not offered: the new names are
+    valid = sorted({action.dest for action in parser._actions} - {"help", "config", *RENAMED_KEYS})
     if from_yaml:  # TRL gives them back as flags: ["--lora_rank", "8"]
         names = [key.removeprefix("--") for key in from_yaml[::2]]
         raise SystemExit(_unknown(names, "key in the YAML", "", valid))

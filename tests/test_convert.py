@@ -77,6 +77,7 @@ def test_convert_writes_a_longlora_checkpoint(base, tmp_path):
         "configuration_llama_longlora.py",
         "modeling_llama_longlora.py",
         "s2_attention.py",
+        "s2_context_parallel.py",
     }
     copied = ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
     for name in [*copied, "README.md", "LICENSE"]:

@@ -72,7 +72,7 @@ def adapter_dir(tmp_path_factory) -> Path:
 
     from longlora_hub.trainable import lora_config
 
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(PRETRAINED_TINY), lora_config("lora_plus"))
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(PRETRAINED_TINY), lora_config("longlora"))
     generator = torch.Generator().manual_seed(1)
     for name, parameter in peft_model.named_parameters():
         if "lora_B" in name:
@@ -183,6 +183,20 @@ def test_cli_streams_what_model_generate_gives(template, model, tokenizer, chat_
     assert len(pieces) > 2 and "".join(pieces) + "\n" == result.stdout
     assert f"a {len(prompt.input_ids)}-token prompt ({template} template)" in result.stderr
     assert "greedy" in result.stderr and "context 256" in result.stderr
+
+
+def test_quiet_before_the_command_and_the_question_after_it(model, tokenizer, material):
+    """`-q` before `generate` is the group's --quiet, after it generate's --question: both in one command line, and
+    quiet leaves the answer alone on stdout with nothing on stderr from this package."""
+    prompt = build_prompt(tokenizer, DOCUMENT, QUESTION)
+    answer = tokenizer.decode(reference(model, prompt.input_ids, 4), skip_special_tokens=True) + "\n"
+    args = ["generate", BUILTIN_MODEL, "-m", str(material), "-q", QUESTION, "--max-new-tokens", "4"]
+    loud = CliRunner().invoke(main, [*args, "--dtype", "float32"])
+    quiet = CliRunner().invoke(main, ["-q", *args, "--dtype", "float32"])
+    assert loud.exit_code == quiet.exit_code == 0, loud.output + quiet.output
+    assert loud.stdout == quiet.stdout == answer
+    assert f"[longlora-hub] {BUILTIN_MODEL}: a {len(prompt.input_ids)}-token prompt" in loud.stderr
+    assert "[longlora-hub]" not in quiet.stderr and "-token prompt" not in quiet.output
 
 
 def test_greedy_even_when_the_checkpoint_says_sample(model, tokenizer):

@@ -64,7 +64,7 @@ def test_dry_run_resolves_every_check(tmp_path):
     assert set(parity["skipped_backends"]) == {"flex_attention", "flash_attention_2"}
 
     train = checks["train_step_sdpa"]["figures"]
-    assert train["ratios"]["time_s2/full_attention@lora_plus"] > 0
+    assert train["ratios"]["time_s2/full_attention@longlora"] > 0
     assert all("peak_mem_mib" in case for case in train["cases"].values())
 
     attention = checks["attention_sdpa"]["figures"]["lengths"]

@@ -650,6 +650,35 @@ def test_documents_longer_than_max_length_reported(tmp_path, tokenizer_dir):
     assert stats["rows"]["all"]["rows"] == 1 and stats["dropped"]["too_long"]["documents"] == 7
 
 
+def test_a_build_logs_its_steps_and_shows_progress_bars_huggingface_hub_turns_off(tmp_path, tokenizer_dir, capsys):
+    """Reading and writing rows show bars (datasets' token count too); with huggingface_hub's bars off, datasets'
+    are off as well, and the steps go to this package's logger on stderr, or to `echo` when one is given."""
+    from datasets.utils import are_progress_bars_disabled
+    from huggingface_hub.utils import disable_progress_bars
+
+    def build(name, **kwargs):
+        config = LongQAConfig(
+            output=str(tmp_path / name), synthetic=12, synthetic_lengths=[512], tokenizer=tokenizer_dir
+        )
+        return build_longqa(config, **kwargs)
+
+    build("shown")
+    said = capsys.readouterr()
+    assert said.out == "" and "[longlora-hub] reading the long inputs" in said.err
+    assert "[longlora-hub] writing 11 train and 1 validation rows" in said.err
+    for bar in ("reading long inputs: 12row", "writing train: 100%|", "Counting tokens (long)"):
+        assert bar in said.err, bar
+    with disable_progress_bars():
+        build("hidden")
+    hidden = capsys.readouterr().err
+    assert "%|" not in hidden and "row/s" not in hidden and "Counting tokens" not in hidden
+    assert "[longlora-hub] reading the long inputs" in hidden and not are_progress_bars_disabled()
+    lines = []
+    with disable_progress_bars():
+        build("echoed", echo=lines.append)
+    assert capsys.readouterr().err == "" and lines[0] == "[longqa] reading the long inputs"
+
+
 def test_output_folder_never_overwritten(tmp_path, tokenizer_dir):
     taken = tmp_path / "taken"
     taken.mkdir()

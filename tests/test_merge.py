@@ -39,7 +39,7 @@ def _base_plus_adapter(base, adapter):
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    """A stock Llama base in 8 shards and a lora_plus adapter that changes LoRA, embeddings and norms."""
+    """A stock Llama base in 8 shards and a longlora adapter that changes LoRA, embeddings and norms."""
     return sharded_base_and_adapter(tmp_path_factory.mktemp("sharded"), num_shards=8, max_position_embeddings=512)
 
 
@@ -200,10 +200,10 @@ def _adapter_logits(base, adapter, ids):
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
-    """A tied base and a lora_plus adapter whose trained embedding differs from the base's."""
+    """A tied base and a longlora adapter whose trained embedding differs from the base's."""
     from longlora_hub.trainable import lora_config
 
-    return _tied_base_and_adapter(tmp_path_factory.mktemp("tied"), lora_config("lora_plus"))
+    return _tied_base_and_adapter(tmp_path_factory.mktemp("tied"), lora_config("longlora"))
 
 
 @pytest.mark.parametrize("architecture", ["llama_longlora", "llama"])
@@ -588,7 +588,7 @@ def test_adapter_config_fields_a_merge_ignores_pass(sharded):
     config = json.loads((adapter / "adapter_config.json").read_text())
     from longlora_hub.merge import _check_adapter_config
 
-    _check_adapter_config(config, adapter / "adapter_config.json")  # what PEFT 0.21 writes for lora_plus
+    _check_adapter_config(config, adapter / "adapter_config.json")  # what PEFT 0.21 writes for longlora
     _check_adapter_config(
         config
         | {

@@ -158,7 +158,7 @@ def trained(smollm2, texts, tmp_path_factory):
         "",
         "--data_files",
         *files,
-        "--streaming",
+        "--dataset_streaming",
         "false",
         "--context_length",
         str(TRAIN_LENGTH),  # inside the native 8192: no RoPE change, only the LlamaLongLoRA class for S²

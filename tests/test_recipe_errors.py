@@ -8,6 +8,8 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -200,10 +202,187 @@ def test_an_s2_group_above_every_example_warns(capsys):
     tokenizer = build_tiny_tokenizer()
     data = DataArguments(dataset_name="builtin:passkey", builtin_rows=8)
     build_dataset(data, LongLoRAArguments(stage="longqa", s2_group_size=1024), tokenizer, 1024)
-    assert "s2_group_size=1024 is above the longest example" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "[longlora-hub] warning: s2_group_size=1024 is above the longest example" in said.err and not said.out
     build_dataset(data, LongLoRAArguments(stage="longqa"), tokenizer, 1024)
     build_dataset(data, LongLoRAArguments(stage="longqa", s2_group_size=1024, s2_attention=False), tokenizer, 1024)
-    assert "warning" not in capsys.readouterr().out
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.fixture
+def restored_verbosity():
+    """The package's log level and the warning filters as they were before the test."""
+    from longlora_hub import log
+
+    level = log.get_verbosity()
+    with warnings.catch_warnings():
+        yield
+    log.set_verbosity(level)
+
+
+@pytest.mark.parametrize("rank,printed", [(None, True), ("0", True), ("1", False), ("7", False)])
+def test_only_the_main_process_prints_the_runs_messages(rank, printed, monkeypatch, capsys, restored_verbosity):
+    """Every process of a run reads the same data: the others would repeat the main one's messages and warnings (and
+    the warnings of renamed keys), so they print errors only."""
+    from longlora_hub.training import set_process_verbosity
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    warnings.simplefilter("always", FutureWarning)  # every time, unless the replicas' filter (put first) drops it
+    set_process_verbosity()
+    tokenizer = build_tiny_tokenizer()
+    data = DataArguments(dataset_name="builtin:passkey", builtin_rows=8)
+    build_dataset(data, LongLoRAArguments(stage="longqa", s2_group_size=1024), tokenizer, 1024)
+    with warnings.catch_warnings(record=True) as caught:
+        LongLoRAArguments(trainable="lora_plus")
+    said = capsys.readouterr().err
+    assert ("s2_group_size=1024 is above the longest example" in said) == printed
+    assert bool([w for w in caught if issubclass(w.category, FutureWarning)]) == printed
+
+
+def test_log_level_sets_the_main_processs_messages(monkeypatch, capsys, restored_verbosity):
+    monkeypatch.delenv("RANK", raising=False)
+    tokenizer = build_tiny_tokenizer()
+    data = DataArguments(dataset_name="builtin:passkey", builtin_rows=8)
+    args = sft.TrlParser((ModelArguments, LongLoRAArguments, DataArguments, sft.SFTConfig)).parse_args_and_config(
+        ["--config", str(TINY_LONGQA), "--log_level", "error"]
+    )
+    sft.set_process_verbosity(args[3])
+    build_dataset(data, LongLoRAArguments(stage="longqa", s2_group_size=1024), tokenizer, 1024)
+    assert "[longlora-hub]" not in capsys.readouterr().err  # the warning is below log_level: error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TRL's names for the same settings, and the former names
+
+
+def parse_config(*flags: str, yaml: str = "", tmp_path: Path | None = None):
+    config = TINY_EXTEND
+    if yaml:
+        config = tmp_path / "edited.yaml"
+        config.write_text(TINY_EXTEND.read_text() + "\n" + yaml + "\n")
+    parser = sft.TrlParser((ModelArguments, LongLoRAArguments, DataArguments, sft.SFTConfig), exit_on_error=False)
+    return sft.parse(parser, ["--config", str(config), "--output_dir", "/nonexistent/run", *flags])
+
+
+def test_the_recipe_takes_trls_names_where_they_fit():
+    """The keys TRL's ModelConfig and ScriptArguments share with the recipe have TRL's names, so a TRL user's keys
+    work as they are (trust_remote_code is SFTConfig's own field)."""
+    import dataclasses
+
+    from trl import ModelConfig, ScriptArguments
+
+    shared = {
+        "model_name_or_path",
+        "model_revision",
+        "dtype",
+        "attn_implementation",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+        "lora_modules_to_save",
+        "dataset_name",
+        "dataset_config",
+        "dataset_train_split",
+        "dataset_streaming",
+    }
+    trl_names = {field.name for kind in (ModelConfig, ScriptArguments) for field in dataclasses.fields(kind)}
+    assert shared <= trl_names
+    parser = sft.TrlParser((ModelArguments, LongLoRAArguments, DataArguments, sft.SFTConfig))
+    keys = {action.dest for action in parser._actions}
+    assert shared | {"trust_remote_code"} <= keys
+    ours = {field.name for kind in (ModelArguments, LongLoRAArguments, DataArguments) for field in fields(kind)}
+    assert shared <= ours and "trust_remote_code" in {field.name for field in fields(sft.SFTConfig)}
+
+
+@pytest.mark.parametrize(
+    "flags,yaml",
+    [
+        (("--dataset_split", "validation", "--streaming", "true"), ""),
+        ((), "dataset_split: validation\nstreaming: true"),
+        (("--dataset_split", "validation", "--dataset_train_split", "validation", "--streaming", "true"), ""),
+    ],
+)
+def test_former_keys_still_work_with_a_warning_naming_the_new_one(tmp_path, flags, yaml):
+    with pytest.warns(FutureWarning) as caught:
+        _, _, data_args, _ = parse_config(*flags, yaml=yaml, tmp_path=tmp_path)
+    messages = " ".join(str(warning.message) for warning in caught)
+    assert "dataset_split is now called dataset_train_split" in messages and "write dataset_train_split" in messages
+    assert "streaming is now called dataset_streaming" in messages and "dataset_streaming: true" in messages
+    assert (data_args.dataset_train_split, data_args.dataset_streaming) == ("validation", True)
+    assert data_args.dataset_split is None and data_args.streaming is None  # each setting held once
+
+
+def test_the_new_keys_default_like_the_former_ones():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        _, ll_args, data_args, _ = parse_config()
+        assert (data_args.dataset_train_split, data_args.dataset_streaming) == ("train", False)
+        assert ll_args.trainable == "longlora" and ll_args.lora_modules_to_save is None
+        assert DataArguments().dataset_train_split == "train" and DataArguments().dataset_streaming is False
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (("--dataset_split", "validation", "--dataset_train_split", "test"), "dataset_split='validation' and data"),
+        (("--streaming", "true", "--dataset_streaming", "false"), "streaming=True and dataset_streaming=False disag"),
+    ],
+)
+def test_a_former_key_and_its_new_name_that_disagree_are_an_error(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path / "run", *flags)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_keys_list_the_new_names_not_the_former_ones(tmp_path):
+    with pytest.raises(SystemExit) as raised:
+        run(tmp_path / "run", "--dataset_trainsplit", "train")
+    text = str(raised.value)
+    assert "did you mean --dataset_train_split?" in text
+    valid = text.split("Valid keys: ")[1].split(", ")
+    assert {"dataset_train_split", "dataset_streaming", "lora_modules_to_save"} <= set(valid)
+    assert not {"dataset_split", "streaming"} & set(valid)
+
+
+def test_lora_modules_to_save_adds_to_what_trainable_implies():
+    from peft import get_peft_model
+
+    from longlora_hub.testing import tiny_llama
+    from longlora_hub.training import peft_config
+
+    extra = LongLoRAArguments(lora_modules_to_save=["lm_head", "norm"])
+    assert peft_config(extra).modules_to_save == ["embed_tokens", "norm", "lm_head"]
+    assert peft_config(LongLoRAArguments(trainable="lora", lora_modules_to_save=["lm_head"])).modules_to_save == [
+        "lm_head"
+    ]
+    assert peft_config(LongLoRAArguments(trainable="lora")).modules_to_save is None
+    model = get_peft_model(tiny_llama(tie_word_embeddings=False), peft_config(extra))
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert any("lm_head.modules_to_save" in name for name in trained)
+    assert any("embed_tokens.modules_to_save" in name for name in trained)
+
+
+def test_lora_modules_to_save_with_full_fine_tuning_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"lora_modules_to_save \(lm_head\) adds modules .*trainable: full"):
+        run(tmp_path / "run", "--trainable", "full", "--lora_modules_to_save", "lm_head")
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_plus_is_the_former_name_of_longlora(tmp_path):
+    from longlora_hub.trainable import lora_config
+
+    with pytest.warns(FutureWarning, match="trainable: lora_plus is now called longlora.*write trainable: longlora"):
+        ll_args = parse_config("--trainable", "lora_plus")[1]
+    assert ll_args.trainable == "longlora"
+    with pytest.warns(FutureWarning, match="now called longlora"):
+        former = lora_config("lora_plus")
+    assert former.to_dict() == lora_config("longlora").to_dict()
+    with pytest.raises(ValueError, match=r"trainable must be one of \('longlora', 'lora', 'full', 'qlora'\)"):
+        LongLoRAArguments(trainable="lora+")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -67,6 +67,48 @@ def test_extend_stage_adapter_round_trip(tmp_path, capsys):
         torch.testing.assert_close(auto(ids).logits, want, atol=1e-5, rtol=0)
 
 
+def test_the_former_mode_name_and_more_modules_to_save(tmp_path):
+    """`trainable: lora_plus` still trains (it is `longlora` now, and recorded so), and `lora_modules_to_save` adds
+    lm_head to the embedding and norms; the adapter merges to the trained model's logits."""
+    from longlora_hub.merge import merge_adapter
+    from longlora_hub.push import _training_section
+
+    out = tmp_path / "run"
+    with pytest.warns(FutureWarning, match="trainable: lora_plus is now called longlora"):
+        trainer = run(
+            TINY_EXTEND,
+            out,
+            *short("--max_steps", "1", "--trainable", "lora_plus", "--lora_modules_to_save", "lm_head"),
+        )
+    assert json.loads((out / "longlora_hub.json").read_text())["trainable"] == "longlora"
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(adapter_config["modules_to_save"]) == ["embed_tokens", "lm_head", "norm"]
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("lm_head" in key for key in saved) and any("embed_tokens" in key for key in saved)
+
+    from transformers import AutoModelForCausalLM
+
+    merged = merge_adapter(out, tmp_path / "merged")
+    ids = torch.randint(3, 300, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trainer.model.eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged, trust_remote_code=True).eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert json.loads((merged / "longlora_hub.json").read_text())["trainable"] == "longlora"
+    # a run recorded before the rename: its card and its merge name the mode by its current name
+    assert "| trainable | longlora |" in _training_section({"trainable": "lora_plus"}, {})
+
+
+def test_a_merge_records_the_current_name_of_a_former_mode(tmp_path):
+    from longlora_hub.merge import merge_adapter
+    from longlora_hub.testing import sharded_base_and_adapter
+
+    _, adapter = sharded_base_and_adapter(tmp_path / "pair", num_shards=1)
+    (adapter / "longlora_hub.json").write_text(json.dumps({"kind": "adapter", "trainable": "lora_plus"}))
+    merged = merge_adapter(adapter, tmp_path / "merged")
+    assert json.loads((merged / "longlora_hub.json").read_text())["trainable"] == "longlora"
+
+
 def test_longqa_stage_masks_the_prompt(tmp_path):
     trainer = run(TINY_LONGQA, tmp_path / "qa", "--max_steps", "2")
     batch = next(iter(trainer.get_train_dataloader()))

@@ -54,12 +54,12 @@ RUNS = {
     "full-attn": {"trainable": "full", "s2_attention": "false"},
     "full-s2": {"trainable": "full"},
     "full-s2-roll": {"trainable": "full", "s2_shift": "roll"},
-    "longlora": {"trainable": "lora_plus"},
+    "longlora": {"trainable": "longlora"},
     "lora-s2": {"trainable": "lora"},
-    "lora-plus-no-shift": {"trainable": "lora_plus", "s2_shift": "none"},
+    "lora-plus-no-shift": {"trainable": "longlora", "s2_shift": "none"},
     "pi-only-8x": None,
     "full-attn-8x": {"trainable": "full", "s2_attention": "false", **EIGHT_X},
-    "longlora-8x": {"trainable": "lora_plus", **EIGHT_X},
+    "longlora-8x": {"trainable": "longlora", **EIGHT_X},
 }
 MAIN_RUNS = ("pi-only", "full-attn", "full-s2", "longlora", "lora-s2")
 LABELS = {

@@ -361,8 +361,8 @@ def run_passkey(
         `needle_depth`, `answer`, `prediction`, `prediction_ids`, `correct`).
     """
     import torch
-    from tqdm.auto import tqdm
 
+    from ..log import progress_bar
     from .loading import model_device
 
     plan = plan_trials(lengths, depths, trials, seed)
@@ -374,7 +374,7 @@ def run_passkey(
     if pad is None:
         pad = 0  # only ever under the attention mask's zeros
     records: list[dict[str, Any]] = []
-    bar = tqdm(total=len(plan), desc="passkey", unit="prompt", disable=not progress)
+    bar = progress_bar("passkey", total=len(plan), desc="passkey", unit="prompt", disable=not progress)
     with torch.no_grad():
         for batch in _batches(plan, batch_size):
             # built batch by batch: building them all first (dozens of tokenizations each) kept a run of many

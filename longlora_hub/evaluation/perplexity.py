@@ -523,7 +523,8 @@ def evaluate_perplexity(
             vocabulary.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from ..log import progress_bar
 
     tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
     windows = plan_windows(len(tokens), seq_len, stride, protocol)
@@ -551,7 +552,9 @@ def evaluate_perplexity(
         model.eval()
     started = time.perf_counter()
     with mode, torch.no_grad():
-        bar = tqdm(total=len(windows), desc=f"ppl {protocol} @ {seq_len}", unit="window", disable=not progress)
+        bar = progress_bar(
+            "perplexity", total=len(windows), desc=f"ppl {protocol} @ {seq_len}", unit="window", disable=not progress
+        )
         for batch in _batches(windows, batch_size):
             rows = np.stack([np.asarray(tokens[w.start : w.end], dtype=np.int64) for w in batch])
             nll = token_nll(model, torch.from_numpy(rows).to(device), chunk_size).double().cpu()

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import numpy as np
 from ..data import DEFAULT_TEMPLATE
 from ..hub import HubPushError, hub_errors, hub_failure
 from ..hub import check_hub_access as _check_hub_access
+from ..log import PROGRESS_BAR_GROUP, get_logger, progress_bar
 from .card import HISTOGRAM_FILE, built_at, public_stats, render_card, save_length_histogram
 from .process import (
     DEFAULT_NEAR_DUP_THRESHOLD,
@@ -59,6 +61,8 @@ LONGALPACA_LICENSE = "cc-by-nc-4.0"
 SHORT_SLACK = 0.1  # extra short rows sampled to replace the ones the length filter or dedupe drops
 MAX_SHARD_BYTES = 500 * 1000**2  # Arrow bytes per parquet shard: datasets' `push_to_hub` default ("500MB")
 WRITE_BATCH_ROWS = 128  # rows per parquet write (and the granularity of a shard's size)
+
+logger = get_logger(__name__)
 
 
 def output_features():
@@ -275,17 +279,18 @@ def _annotations(raw, config: LongQAConfig, tokenizer, work: Path, name: str) ->
             "prompt_sig": empty_sig,
             "completion_sig": empty_sig,
         }
-    annotated = raw.map(
-        _annotate,
-        batched=True,
-        batch_size=config.batch_size,
-        num_proc=config.num_proc if config.num_proc > 1 and len(raw) >= 2 * config.batch_size else None,
-        remove_columns=list(raw.column_names),
-        fn_kwargs={"tokenizer": tokenizer, "prompt_template": config.prompt_template, "dedupe": config.dedupe},
-        cache_file_name=str(work / f"{name}-annotations.arrow"),
-        new_fingerprint=f"longqa-{name}-{os.getpid()}-{time.time_ns()}",  # never reuse a cache across builds
-        desc=f"Counting tokens ({name})",
-    )
+    with _datasets_bars_like_ours():
+        annotated = raw.map(
+            _annotate,
+            batched=True,
+            batch_size=config.batch_size,
+            num_proc=config.num_proc if config.num_proc > 1 and len(raw) >= 2 * config.batch_size else None,
+            remove_columns=list(raw.column_names),
+            fn_kwargs={"tokenizer": tokenizer, "prompt_template": config.prompt_template, "dedupe": config.dedupe},
+            cache_file_name=str(work / f"{name}-annotations.arrow"),
+            new_fingerprint=f"longqa-{name}-{os.getpid()}-{time.time_ns()}",  # never reuse a cache across builds
+            desc=f"Counting tokens ({name})",
+        )
     table = annotated.data
     result: dict[str, Any] = {"num_tokens": np.asarray(table.column("num_tokens").to_numpy(), dtype=np.int64)}
     if config.dedupe:
@@ -294,6 +299,24 @@ def _annotations(raw, config: LongQAConfig, tokenizer, work: Path, name: str) ->
             values = table.column(column).combine_chunks().flatten().to_numpy()
             result[column] = np.asarray(values, dtype=np.uint64).reshape(-1, NUM_PERM)
     return result
+
+
+@contextmanager
+def _datasets_bars_like_ours() -> Iterator[None]:
+    """`datasets` has progress bars of its own (the token count's `Dataset.map`), with their own switch: within the
+    block they are off when this package's are (`HF_HUB_DISABLE_PROGRESS_BARS=1`, `longlora-hub -q`), so that one
+    setting silences a whole build."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import are_progress_bars_disabled as ours_disabled
+
+    if not ours_disabled(f"{PROGRESS_BAR_GROUP}.longqa") or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 class _Selection:
@@ -374,7 +397,7 @@ def load_tokenizer(name_or_path: str | None):
     except (OSError, ValueError) as error:
         raise ValueError(f"Cannot load the tokenizer {name_or_path!r}: {error}") from error
     if not getattr(tokenizer, "is_fast", False):
-        print(f"[longqa] {name_or_path} is a slow tokenizer; token counting will be much slower than with a fast one")
+        logger.warning(f"{name_or_path} is a slow tokenizer; token counting will be much slower than with a fast one")
     return tokenizer
 
 
@@ -421,6 +444,7 @@ def _write_split(
     # the shard count is known only at the end: shards are written under temporary names, then renamed
     partial: list[Path] = []
     writer, written, total = None, 0, 0
+    bar = progress_bar("longqa", total=len(indices), desc=f"writing {split}", unit="row")
     try:
         for begin in range(0, len(indices), WRITE_BATCH_ROWS):
             chunk = indices[begin : begin + WRITE_BATCH_ROWS]
@@ -449,7 +473,9 @@ def _write_split(
             writer.write_table(table)
             written += table.nbytes
             total += table.nbytes
+            bar.update(len(chunk))
     finally:
+        bar.close()
         if writer is not None:
             writer.close()
     shards = [folder / shard_name(split, index, len(partial)) for index in range(len(partial))]
@@ -475,7 +501,9 @@ def _hub_ids(specs: Iterable[str | None]) -> list[str]:
     return [spec for spec in specs if spec and not Path(spec).expanduser().exists() and _HUB_ID.fullmatch(spec)]
 
 
-def build_longqa(config: LongQAConfig, echo: Callable[[str], None] = print, repo_id: str | None = None) -> BuildResult:
+def build_longqa(
+    config: LongQAConfig, echo: Callable[[str], None] | None = None, repo_id: str | None = None
+) -> BuildResult:
     r"""
     Build a LongQA dataset as `config` says and write it to `config.output`.
 
@@ -486,7 +514,9 @@ def build_longqa(config: LongQAConfig, echo: Callable[[str], None] = print, repo
 
     Args:
         config (`LongQAConfig`): What to build.
-        echo (`Callable[[str], None]`, *optional*): Where progress lines go.
+        echo (`Callable[[str], None]`, *optional*): Where progress lines go; this package's logger (stderr,
+            `[longlora-hub] ...`) by default. The progress bars of reading and writing rows go to stderr either way
+            (off with `HF_HUB_DISABLE_PROGRESS_BARS=1`).
         repo_id (`str`, *optional*): The Hub repository it will be pushed to, for the card's usage snippet.
 
     Raises:
@@ -499,7 +529,7 @@ def build_longqa(config: LongQAConfig, echo: Callable[[str], None] = print, repo
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))
     try:
-        result = _build(config, output, staging / "out", staging / "work", echo, repo_id)
+        result = _build(config, output, staging / "out", staging / "work", _reporter(echo), repo_id)
         check_output_folder(output)  # in case something appeared there during the build
         if output.exists():
             output.rmdir()
@@ -510,8 +540,15 @@ def build_longqa(config: LongQAConfig, echo: Callable[[str], None] = print, repo
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _reporter(echo: Callable[[str], None] | None) -> Callable[..., None]:
+    """`say(message, warning=False)`: to this package's logger, or to `echo` as `[longqa] message` lines."""
+    if echo is None:
+        return lambda message, warning=False: (logger.warning if warning else logger.info)(message)
+    return lambda message, warning=False: echo(f"[longqa] {'warning: ' if warning else ''}{message}")
+
+
 def _build(
-    config: LongQAConfig, output: Path, out: Path, work: Path, echo: Callable[[str], None], repo_id: str | None
+    config: LongQAConfig, output: Path, out: Path, work: Path, say: Callable[..., None], repo_id: str | None
 ) -> BuildResult:
     from datasets import DatasetDict, concatenate_datasets, load_dataset
 
@@ -524,12 +561,14 @@ def _build(
     tokenizer = load_tokenizer(config.tokenizer)
     store = DocumentStore(config.documents, log) if config.documents else None
 
-    echo("[longqa] reading the long inputs")
+    say("reading the long inputs")
     writer = _RowWriter(work / "long.arrow")
     collected: Counter[str] = Counter()
-    for row in _long_rows(config, log, tokenizer, store):
-        writer.write(row)
-        collected[row["source"]] += 1
+    with progress_bar("longqa", desc="reading long inputs", unit="row") as bar:  # no total: the inputs are streamed
+        for row in _long_rows(config, log, tokenizer, store):
+            writer.write(row)
+            collected[row["source"]] += 1
+            bar.update()
     long_raw = writer.close()
     timings["read_long_s"] = time.perf_counter() - clock
 
@@ -546,13 +585,14 @@ def _build(
     if config.short:
         clock = time.perf_counter()
         wanted = None if config.short_ratio is None else short_rows_for_ratio(len(kept_long), config.short_ratio)
-        echo(f"[longqa] reading the short rows ({'all' if wanted is None else wanted} wanted)")
+        say(f"reading the short rows ({'all' if wanted is None else wanted} wanted)")
         sample_size = None if wanted is None else wanted + max(16, int(wanted * SHORT_SLACK))
         writer = _RowWriter(work / "short.arrow")
         rng = random.Random(f"longqa-short:{config.seed}")
         available = Counter()
-        for row in _sample(_counted(iter_short_rows(config.short, log), available), sample_size, rng):
-            writer.write(row)
+        with progress_bar("longqa", desc="reading short rows", unit="row") as bar:
+            for row in _sample(_counted(iter_short_rows(config.short, log), available, bar), sample_size, rng):
+                writer.write(row)
         short_raw = writer.close()
         collected["short"] += available["rows"]
         short_notes = _annotations(short_raw, config, tokenizer, work, "short")
@@ -564,9 +604,10 @@ def _build(
             kept_short = kept_short[:wanted]
             mix["short_wanted"] = wanted
             if len(kept_short) < wanted:
-                echo(
-                    f"[longqa] warning: the short ratio {config.short_ratio} needs {wanted} short rows, only "
-                    f"{len(kept_short)} are available"
+                say(
+                    f"the short ratio {config.short_ratio} needs {wanted} short rows, only {len(kept_short)} are "
+                    "available",
+                    warning=True,
                 )
         mix["short_rows"] = len(kept_short)
         timings["short_s"] = time.perf_counter() - clock
@@ -587,7 +628,7 @@ def _build(
         )
     train, validation = split_indices(len(selected), config.validation_size, config.seed)
     splits = {"train": [selected[i] for i in train], "validation": [selected[i] for i in validation]}
-    echo(f"[longqa] writing {len(train)} train and {len(validation)} validation rows")
+    say(f"writing {len(train)} train and {len(validation)} validation rows")
     # the sizes `datasets` records in a card's dataset_info (without them it ignores the card's split sizes)
     sizes: dict[str, Any] = {"splits": {}, "download_size": 0}
     for split, indices in splits.items():
@@ -647,9 +688,11 @@ def _build(
     return BuildResult(output=output, stats=stats, timings=timings)
 
 
-def _counted(rows: Iterable[dict], counter: Counter) -> Iterator[dict]:
+def _counted(rows: Iterable[dict], counter: Counter, bar: Any = None) -> Iterator[dict]:
     for row in rows:
         counter["rows"] += 1
+        if bar is not None:
+            bar.update()  # rows read, not rows kept: the sample is drawn from all of them
         yield row
 
 
