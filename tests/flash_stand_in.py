@@ -238,6 +238,9 @@ def use_flash_stand_in(monkeypatch: pytest.MonkeyPatch, strict: bool = True) -> 
     """Make S²'s flash_attention_2 path call the stand-in (until the test ends) and return it, with its calls.
     With `strict=False` S² is also told that the kernel takes float32/float64, so that it hands them over uncast."""
     stand_in = FlashStandIn(strict)
+    # a checkpoint loaded earlier with trust_remote_code registered the `s2_*` names to its own copy of this module:
+    # register this package's again, so that the generic functions read what is patched here
+    s2_module._register()
     monkeypatch.setattr(s2_module, "_flash_varlen_func", lambda: stand_in)
     if not strict:
         monkeypatch.setattr(s2_module, "_FLASH_KERNEL_DTYPES", KERNEL_DTYPES + PARITY_DTYPES)

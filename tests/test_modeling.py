@@ -171,6 +171,7 @@ def test_other_architectures_build_the_s2_layout_once_per_forward(monkeypatch):
     changed in place, gets a new one."""
     from longlora_hub.remote_code import s2_attention as s2_module
 
+    s2_module._register()  # the package's functions, not a copy a trust_remote_code checkpoint registered earlier
     built = []
     real_build = s2_module.build_s2_layout
     monkeypatch.setattr(s2_module, "build_s2_layout", lambda *a, **k: built.append(a) or real_build(*a, **k))
