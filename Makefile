@@ -37,6 +37,33 @@ test: lint real-model
 test-real: real-model
 	LONGLORA_HUB_REQUIRE_REAL=1 $(PY) -m pytest -q -m real
 
+# the serving tier, apart from `make test`: llama-cpp-python is built from its PyPI sdist into .venv (about 6 minutes
+# on 2 cores, once per .venv: the stamp below), and llama.cpp's HF -> GGUF converter is unpacked from the same sdist
+# into .venv/serving/llama.cpp, where tests/test_serving.py looks for it; the tests then take 40 s to 2 minutes.
+# Version: keep in step with the `serving` extra in pyproject.toml.
+LLAMA_CPP_PYTHON := 0.3.36
+SERVING := $(VENV)/serving
+SERVING_STAMP := $(SERVING)/.installed-$(LLAMA_CPP_PYTHON)
+# a portable CPU build (AVX2, no -march=native) without the multimodal library, tests, examples and tools
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+$(SERVING_STAMP): $(STAMP)
+	rm -rf $(SERVING)
+	mkdir -p $(SERVING)
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(SERVING)
+	tar -xzf $(SERVING)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(SERVING) --strip-components=2 \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet \
+		$(SERVING)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -e ".[serving]"
+	touch $@
+
+.PHONY: test-serving
+test-serving: real-model $(SERVING_STAMP)
+	LONGLORA_HUB_REQUIRE_REAL=1 LONGLORA_HUB_REQUIRE_SERVING=1 $(PY) -m pytest -q -m serving
+
 demo: $(STAMP)
 	$(PY) -m longlora_hub.demo
 
