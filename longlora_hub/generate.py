@@ -87,7 +87,7 @@ def read_material(path: str | Path) -> str:
             document has no text.
         `ImportError`: If the file is a PDF and `pypdf` is not installed.
     """
-    from .longqa.sources import DOCUMENT_SUFFIXES, _decode_error, _read_pdf
+    from .longqa.sources import DOCUMENT_SUFFIXES, read_document
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -103,32 +103,7 @@ def read_material(path: str | Path) -> str:
             f"{path} is {kind}; --material reads text (.txt), Markdown (.md) and PDF (.pdf) documents. Convert it to "
             "one of those first (for plain text, save it as .txt)."
         )
-    if suffix == ".pdf":
-        try:
-            text = _read_pdf(path)
-        except ImportError:
-            raise
-        except Exception as error:  # pypdf raises many kinds for damaged files; all mean "cannot read it"
-            raise ValueError(
-                f"{path} could not be read as a PDF ({type(error).__name__}: {error}): it may be damaged, encrypted "
-                "or not a PDF at all. Open it in a PDF reader to check, or pass its text as a .txt file."
-            ) from None
-        empty = (
-            f"{path} holds no text pypdf can extract (a scanned PDF holds images of pages: run OCR on it first, or "
-            "pass its text as a .txt file)."
-        )
-    else:
-        data = path.read_bytes()
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as error:
-            line, reason = _decode_error(data, error)
-            raise ValueError(f"{path}:{line}: {reason}; save the document as UTF-8 text.") from None
-        empty = f"{path} is empty (or only blank space); pass a document with text."
-    text = text.replace("\r\n", "\n").strip()
-    if not text:
-        raise ValueError(empty)
-    return text
+    return read_document(path)
 
 
 def build_prompt(tokenizer: Any, material: str, question: str, template: str = "auto") -> Prompt:

@@ -459,6 +459,59 @@ def iter_short_rows(spec: str | Path, log: ProblemLog) -> Iterator[dict[str, str
     yield from _instruction_rows(spec, log, "short", "short")
 
 
+# how the store records a failed document, and the log's wording where it is not the error's own
+_FAILURES = {"unreadable_pdf": "unreadable PDF", "not_utf8": "not UTF-8", "empty_document": "empty"}
+_LOGGED_REASONS = {"empty_document": "the document has no text"}
+
+
+class DocumentError(ValueError):
+    """A document that cannot be read: `kind` (`unreadable_pdf`, `not_utf8` or `empty_document`, the LongQA log's
+    names), `where` (the path, with a line for text) and `reason`; the message adds what to do."""
+
+    def __init__(self, kind: str, where: str, reason: str, advice: str):
+        super().__init__(f"{where}: {reason}; {advice}")
+        self.kind, self.where, self.reason = kind, where, reason
+
+
+def read_document(path: Path) -> str:
+    """The text of a document file (.pdf through pypdf, anything else as UTF-8, a BOM allowed), with Windows line
+    ends made plain and the ends stripped.
+
+    Raises:
+        `DocumentError`: An unreadable PDF, text that is not UTF-8, or a document with no text.
+        `ImportError`: A PDF without pypdf installed.
+    """
+    if path.suffix.lower() == ".pdf":
+        try:
+            text = _read_pdf(path)
+        except ImportError:
+            raise
+        except Exception as error:  # pypdf raises many kinds for damaged files; all mean "cannot read it"
+            raise DocumentError(
+                "unreadable_pdf",
+                str(path),
+                f"could not be read as a PDF ({type(error).__name__}: {error})",
+                "it may be damaged, encrypted or not a PDF at all. Open it in a PDF reader to check, or pass its "
+                "text as a .txt file.",
+            ) from None
+        empty = (
+            "holds no text pypdf can extract (a scanned PDF holds images of pages: run OCR on it first, or pass its "
+            "text as a .txt file)"
+        )
+    else:
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            line, reason = _decode_error(data, error)
+            raise DocumentError("not_utf8", f"{path}:{line}", reason, "save the document as UTF-8 text.") from None
+        empty = "is empty (or only blank space)"
+    text = text.replace("\r\n", "\n").strip()
+    if not text:
+        raise DocumentError("empty_document", str(path), empty, "pass a document with text.")
+    return text
+
+
 def _read_pdf(path: Path) -> str:
     try:
         from pypdf import PdfReader
@@ -533,31 +586,13 @@ class DocumentStore:
         return text
 
     def _read(self, doc_id: str) -> str | None:
-        path = self.paths[doc_id]
-        if path.suffix.lower() == ".pdf":
-            try:
-                text = _read_pdf(path)
-            except ImportError:
-                raise
-            except Exception as error:  # pypdf raises many kinds for damaged files; all mean "cannot read it"
-                self.failed[doc_id] = "unreadable PDF"
-                self.log.report("unreadable_pdf", str(path), f"{type(error).__name__}: {error}", "documents")
-                return None
-        else:
-            data = path.read_bytes()
-            try:
-                text = data.decode("utf-8-sig")
-            except UnicodeDecodeError as error:
-                line, reason = _decode_error(data, error)
-                self.failed[doc_id] = "not UTF-8"
-                self.log.report("not_utf8", f"{path}:{line}", reason, "documents")
-                return None
-        text = text.replace("\r\n", "\n").strip()
-        if not text:
-            self.failed[doc_id] = "empty"
-            self.log.report("empty_document", f"{path}:1", "the document has no text", "documents")
+        try:
+            return read_document(self.paths[doc_id])
+        except DocumentError as error:  # reported once, with the document; its questions are then skipped
+            self.failed[doc_id] = _FAILURES[error.kind]
+            where = f"{error.where}:1" if error.kind == "empty_document" else error.where
+            self.log.report(error.kind, where, _LOGGED_REASONS.get(error.kind, error.reason), "documents")
             return None
-        return text
 
 
 def _check_pypdf(folder: Path) -> None:
