@@ -89,20 +89,19 @@ def test_a_group_across_three_ranks_is_refused():
         shard_layout(build_s2_layout(64, 1, 16, padding_mask=pad), Ranks(4))
 
 
-def run_recipe(out: Path, launcher: list[str], *extra: str) -> dict:
-    """The tiny extend recipe through tests/dist_worker.py; returns rank 0's record (its trainable weights and the
-    row lengths its model was fed)."""
+def run_recipe(out: Path, launcher: list[str], stage: str, *extra: str) -> dict:
+    """A tiny recipe through tests/dist_worker.py; returns rank 0's record (its trainable weights and the row lengths
+    its model was fed)."""
+    config = ROOT / "recipes" / "configs" / "tiny" / f"{stage}.yaml"
+    lengths = ("--max_length", "512", "--context_length", "512") if stage == "extend" else ()
     command = [
         *launcher,
         str(ROOT / "tests" / "dist_worker.py"),
         "--config",
-        str(ROOT / "recipes" / "configs" / "tiny" / "extend.yaml"),
+        str(config),
         "--output_dir",
         str(out),
-        "--max_length",
-        "512",
-        "--context_length",
-        "512",
+        *lengths,
         "--max_steps",
         "3",
         "--save_steps",
@@ -122,19 +121,25 @@ def run_recipe(out: Path, launcher: list[str], *extra: str) -> dict:
 
 
 @pytest.mark.slow
-def test_recipe_with_context_parallel_size_2_trains_the_single_process_adapter(tmp_path):
+@pytest.mark.parametrize("stage", ["extend", "longqa"])
+def test_recipe_with_context_parallel_size_2_trains_the_single_process_adapter(tmp_path, stage):
     """`context_parallel_size: 2` on 2 processes (gloo): both read the same rows, each trains on its half of them
-    with the halo exchange, and after 3 steps the adapter is the one a single process trains on whole rows."""
-    single = run_recipe(tmp_path / "single", [sys.executable])
+    with the halo exchange, and after 3 steps the adapter is the one a single process trains on whole rows. The
+    longqa rows are padded to the batch's longest, rounded up to a multiple of 2 (which the recipe sets itself under
+    context parallelism, and the single process is given, so that both get the same S² groups)."""
+    single = run_recipe(tmp_path / "single", [sys.executable], stage, "--pad_to_multiple_of", "2")
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     sharded = run_recipe(
         tmp_path / "cp2",
         [*accelerate, str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml")],
+        stage,
         "--context_parallel_size",
         "2",
     )
-    # each process fed its model half of every 512-token row
-    assert (single["train_row_lengths"], sharded["train_row_lengths"]) == ([512], [256])
+    # each process fed its model half of every row
+    assert sharded["train_row_lengths"] == [length // 2 for length in single["train_row_lengths"]]
+    if stage == "extend":
+        assert single["train_row_lengths"] == [512]
     single, sharded = single["weights"], sharded["weights"]
     assert single.keys() == sharded.keys() and single
     for name, weight in single.items():
