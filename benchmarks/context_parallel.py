@@ -4,11 +4,11 @@ Three parts, one JSON object on stdout (progress on stderr):
 
 1. `computed`: bytes one rank sends per layer per training step (forward and backward) for Llama-2-7B attention
    (32 key/value heads of 128, bf16), with a fixed S² group of `--group` tokens (`s2_group_size`), at N = 16k ... 1M
-   tokens and P = 2 ... 64 ranks. The halo exchange sends G/2 tokens' keys and values forward and their gradient
-   back: 2 x (G/2) x 2 x Hk x D x 2 bytes, whatever N and P. A ring (ring attention over all K/V blocks) passes the
-   P - 1 other shards' keys and values forward, and in the backward their keys, values and the dK/dV accumulators:
-   about 3 x (P - 1) x (N/P) x 2 x Hk x D x 2 bytes per rank. Cells where a group would span more than two ranks
-   (G/2 > N/P) are left out: the halo exchange refuses them.
+   tokens and P = 2 ... 64 ranks. The halo exchange sends G/2 tokens' keys and values of the shifted half's
+   key/value heads forward and their gradient back: 2 x (G/2) x 2 x (Hk/2) x D x 2 bytes, whatever N and P. A ring
+   (ring attention over all K/V blocks) passes the P - 1 other shards' keys and values forward, and in the backward
+   their keys, values and the dK/dV accumulators: about 3 x (P - 1) x (N/P) x 2 x Hk x D x 2 bytes per rank. Cells
+   where a group would span more than two ranks (G/2 > N/P) are left out: the halo exchange refuses them.
 2. `measured`: the same count read off the messages that `torch.distributed` actually sends, in 2 and 4 CPU
    processes (gloo, started with torchrun) running a LlamaLongLoRA training step with context parallelism, with the
    per-rank peak of torch's allocator during the step (`tensor_peak_mib`), against one process holding whole rows.
@@ -46,8 +46,9 @@ GPU_BYTES, FIXED_BYTES = 80e9, 13.5e9 + 4.8e9 + 6e9
 
 
 def halo_bytes(group: int) -> int:
-    """Bytes one rank sends per layer per step: G/2 tokens' k and v forward, their gradient back."""
-    return 2 * (group // 2) * 2 * KV_HEADS * HEAD_DIM * BYTES
+    """Bytes one rank sends per layer per step: G/2 tokens' k and v of the shifted half's heads forward, their
+    gradient back."""
+    return 2 * (group // 2) * 2 * (KV_HEADS // 2) * HEAD_DIM * BYTES
 
 
 def ring_bytes(length: int, ranks: int) -> int:
@@ -112,14 +113,16 @@ def worker(length: int, group: int, layers: int, out: Path) -> None:
     step()  # warm-up (first-call allocations)
     sent.clear()
     peak = tensor_peak_mib(step)
-    kv_bytes = 2 * SMALL["num_key_value_heads"] * (SMALL["hidden_size"] // SMALL["num_attention_heads"]) * 4
+    head_bytes = 2 * (SMALL["hidden_size"] // SMALL["num_attention_heads"]) * 4  # k and v of one head, fp32
     halo_in = halo_out = 0
-    if parallel is not None:
+    if parallel is not None:  # summed over the key/value heads, each with its own halo
         from longlora_hub.remote_code.s2_attention import build_s2_layout
-        from longlora_hub.remote_code.s2_context_parallel import shard_layout
+        from longlora_hub.remote_code.s2_context_parallel import kv_halo_lengths, shard_layout
 
         shard = shard_layout(build_s2_layout(length, 1, group), parallel).shard
-        halo_in, halo_out = shard.halo_in, shard.halo_out
+        heads = SMALL["num_attention_heads"], SMALL["num_key_value_heads"]
+        halo_in = sum(kv_halo_lengths(shard.halo_in_halves, *heads))
+        halo_out = sum(kv_halo_lengths(shard.halo_out_halves, *heads))
     record = {
         "rank": dist.get_rank(),
         "ranks": dist.get_world_size(),
@@ -128,7 +131,7 @@ def worker(length: int, group: int, layers: int, out: Path) -> None:
         "sent_bytes_per_layer": sum(sent) / layers,
         # forward and its recomputation (activation checkpointing) send the suffix; the backward sends the halo's
         # gradient back
-        "halo_formula_bytes_per_layer": (2 * halo_out + halo_in) * kv_bytes,
+        "halo_formula_bytes_per_layer": (2 * halo_out + halo_in) * head_bytes,
         "halo_tokens": [halo_in, halo_out],
         "messages": len(sent),
         "peak_tensor_MiB": peak,

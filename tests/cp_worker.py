@@ -63,11 +63,17 @@ def check_attention(parallel: ContextParallel, case: str, backend: str) -> None:
 
 
 def check_halo_lengths(parallel: ContextParallel) -> None:
-    """With N/P a multiple of G the halo is G/2 tokens (the shifted groups), none for rank 0."""
+    """With N/P a multiple of G the halo is G/2 tokens of the shifted half (none for the unshifted one), none for
+    rank 0; only the shifted heads' key/value heads send it."""
+    from longlora_hub.remote_code.s2_context_parallel import kv_halo_lengths
+
     layout = build_s2_layout(N, 2, 8, "segments")
     shard = shard_layout(layout, parallel).shard
-    assert shard.halo_in == (0 if parallel.rank == 0 else 4), shard.halo_in
-    assert shard.halo_out == (0 if parallel.rank == parallel.size - 1 else 4), shard.halo_out
+    assert shard.halo_in_halves == (0, 0 if parallel.rank == 0 else 4), shard.halo_in_halves
+    assert shard.halo_out_halves == (0, 0 if parallel.rank == parallel.size - 1 else 4), shard.halo_out_halves
+    assert kv_halo_lengths((0, 4), 8, 4) == [0, 0, 4, 4]  # GQA: kv heads 2, 3 serve the shifted query heads 4..7
+    assert kv_halo_lengths((0, 4), 6, 2) == [0, 4]
+    assert kv_halo_lengths((0, 4), 6, 3) == [0, 4, 4]  # kv head 1 serves query heads 2 (unshifted) and 3 (shifted)
 
 
 def check_training_step(parallel: ContextParallel, kind: str) -> None:

@@ -65,10 +65,17 @@ def test_the_halo_is_half_a_group_whatever_the_length():
         layout = build_s2_layout(seq_len, 1, 64, "segments")
         for rank in range(size):
             shard = shard_layout(layout, Ranks(size, rank)).shard
-            assert (shard.halo_in, shard.halo_out) == (32 * (rank > 0), 32 * (rank < size - 1))
+            # only the shifted half has one
+            assert shard.halo_in_halves == (0, 32 * (rank > 0))
+            assert shard.halo_out_halves == (0, 32 * (rank < size - 1))
     # the roll wraps the row's end onto its start: rank 0 receives from the last rank
     shard = shard_layout(build_s2_layout(1024, 1, 64, "roll"), Ranks(4, 0)).shard
-    assert (shard.halo_in, shard.halo_out) == (32, 32)
+    assert (shard.halo_in_halves, shard.halo_out_halves) == ((0, 32), (0, 32))
+    # padding moves the groups off the shard boundaries: the unshifted half needs a halo too
+    pad = torch.ones(1, 1024, dtype=torch.long)
+    pad[0, :10] = 0
+    shard = shard_layout(build_s2_layout(1024, 1, 64, padding_mask=pad), Ranks(4, 1)).shard
+    assert shard.halo_in_halves == (54, 22)  # token 256 is real token 246: groups from 192 and from 224
 
 
 def test_rows_that_do_not_split_evenly_are_refused_with_the_fix():
@@ -153,8 +160,8 @@ def test_benchmark_counts_a_constant_halo_against_a_growing_ring():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.computed(8192)
-    assert {row["halo_MiB"] for row in rows} == {128.0}  # 2 x 4096 tokens x 32 heads x 128 x (k, v) x 2 bytes
+    assert {row["halo_MiB"] for row in rows} == {64.0}  # 2 x 4096 tokens x 16 shifted kv heads x 128 x (k, v) x 2 B
     assert all(row["N"] // row["P"] >= 4096 for row in rows)
     assert (16384, 8) not in {(row["N"], row["P"]) for row in rows}
     by_cell = {(row["N"], row["P"]): row["ring/halo"] for row in rows}
-    assert by_cell[(16384, 2)] == 3.0 and by_cell[(2**20, 64)] > by_cell[(2**20, 8)] > by_cell[(2**17, 8)]
+    assert by_cell[(16384, 2)] == 6.0 and by_cell[(2**20, 64)] > by_cell[(2**20, 8)] > by_cell[(2**17, 8)]

@@ -4,8 +4,8 @@ Rank r holds the contiguous shard [r * N/P, (r + 1) * N/P) of every row. Under S
 earlier tokens of its own group (at most G), so when no group spans more than two ranks, the keys and values a shard
 needs that it does not hold are the last few tokens of the previous rank: the halo. With the default layout (N/P a
 multiple of G), the unshifted groups lie inside one rank and each shifted group starts G/2 tokens before a shard
-boundary, so the halo is G/2 tokens, whatever N and P. Ring attention and Ulysses move every key/value block (or
-every token's heads) instead, which grows with N.
+boundary, so the halo is G/2 tokens of the shifted heads' keys and values, whatever N and P. Ring attention and
+Ulysses move every key/value block (or every token's heads) instead, which grows with N.
 
 The halo lengths come from the whole row's layout (its padding mask and position_ids are O(N) integers, which every
 rank of the group has, since context-parallel ranks get the same batch): a halo is the previous shard's suffix whose
@@ -57,15 +57,24 @@ class ContextParallel:
 class _ContextShard:
     """This rank's part of a context-parallel S² forward, shared by every layer (it sits on the shard's layout).
 
-    `start`/`length`: the shard's tokens in the row; `halo_in`: how many tokens of the previous rank it receives;
-    `halo_out`: how many of its own last tokens the next rank needs; `window`: the layout of [halo, own tokens]."""
+    `start`/`length`: the shard's tokens in the row; `halo_in`: how many tokens of the previous rank it receives
+    (the window's halo), `halo_in_halves` the same for the unshifted and the shifted half of the heads; `halo_out`,
+    `halo_out_halves`: how many of its own last tokens the next rank needs; `window`: the layout of [halo, own]."""
 
     parallel: ContextParallel
     start: int
     length: int
-    halo_in: int
-    halo_out: int
+    halo_in_halves: tuple[int, int]
+    halo_out_halves: tuple[int, int]
     window: S2Layout
+
+    @property
+    def halo_in(self) -> int:
+        return max(self.halo_in_halves)
+
+    @property
+    def halo_out(self) -> int:
+        return max(self.halo_out_halves)
 
     @property
     def previous(self) -> int:
@@ -78,7 +87,7 @@ class _ContextShard:
     def attend(self, query, key, value, scaling: float, dropout: float, backend: str) -> torch.Tensor:
         """S² for this shard's queries. q: (B, Hq, n, D), k/v: (B, Hk, n, D), this rank's tokens. Returns
         (B, n, Hq, D)."""
-        key_halo, value_halo = _HaloExchange.apply(key, value, self)  # (B, Hk, h, D)
+        key_halo, value_halo = _HaloExchange.apply(key, value, self, query.shape[1])  # (B, Hk, h, D)
         batch, heads, _, dim = query.shape
         # the halo's own queries belong to the previous rank: zeros here, their outputs dropped
         query = torch.cat([query.new_zeros(batch, heads, self.halo_in, dim), query], dim=2)  # (B, Hq, h + n, D)
@@ -87,30 +96,60 @@ class _ContextShard:
         return out[:, self.halo_in :]
 
 
+def kv_halo_lengths(halves: tuple[int, int], q_heads: int, kv_heads: int) -> list[int]:
+    """Halo tokens each key/value head needs: the longest halo of the halves its query heads are in (query head q
+    reads key/value head q // (Hq / Hk); the last Hq // 2 query heads are shifted). With the default layout only the
+    shifted half has a halo, so the key/value heads of the unshifted half send nothing."""
+    split, n_rep = q_heads - q_heads // 2, q_heads // kv_heads
+    return [max(halves[int(q >= split)] for q in range(j * n_rep, (j + 1) * n_rep)) for j in range(kv_heads)]
+
+
 class _HaloExchange(torch.autograd.Function):
-    """Forward: send the last `halo_out` tokens of k/v to the next rank, receive `halo_in` from the previous one.
-    Backward: the halo's gradient goes back to the previous rank, and the next rank's gradient of what this rank
-    sent is added to the last `halo_out` tokens. k/v: (B, Hk, n, D); returns the halo's k/v (B, Hk, h, D)."""
+    """Forward: send each key/value head's last tokens that the next rank needs, receive this rank's halo from the
+    previous one. Backward: the halo's gradient goes back to the previous rank, and the next rank's gradient of what
+    this rank sent is added to its last tokens. k/v: (B, Hk, n, D); returns the halo's k/v (B, Hk, h, D), zero
+    where a head needs fewer than h tokens (no query of this shard reads those)."""
 
     @staticmethod
-    def forward(ctx, key, value, shard: _ContextShard):
-        ctx.shard = shard
-        sent = torch.stack([key[:, :, key.shape[2] - shard.halo_out :], value[:, :, value.shape[2] - shard.halo_out :]])
-        received = key.new_empty(2, key.shape[0], key.shape[1], shard.halo_in, key.shape[3])  # (2, B, Hk, h, D)
-        _exchange(sent.contiguous(), shard.next, received, shard.previous, shard.parallel.group)
-        return received[0], received[1]
+    def forward(ctx, key, value, shard: _ContextShard, q_heads: int):
+        batch, kv_heads, length, dim = key.shape
+        sent_lengths = kv_halo_lengths(shard.halo_out_halves, q_heads, kv_heads)
+        received_lengths = kv_halo_lengths(shard.halo_in_halves, q_heads, kv_heads)
+        ctx.shard, ctx.lengths = shard, (sent_lengths, received_lengths)
+        sent = _pack(torch.stack([key, value]), sent_lengths)  # the heads' suffixes, flat
+        received = key.new_empty(2 * batch * sum(received_lengths) * dim)
+        _exchange(sent, shard.next, received, shard.previous, shard.parallel.group)
+        halo = _unpack(received, received_lengths, (2, batch, kv_heads, shard.halo_in, dim))  # (2, B, Hk, h, D)
+        return halo[0], halo[1]
 
     @staticmethod
     def backward(ctx, grad_key, grad_value):
-        shard = ctx.shard
-        sent = torch.stack([grad_key, grad_value]).contiguous()  # (2, B, Hk, h, D): back to the previous rank
-        batch, heads, _, dim = grad_key.shape
-        received = grad_key.new_empty(2, batch, heads, shard.halo_out, dim)  # (2, B, Hk, halo_out, D)
+        shard, (sent_lengths, received_lengths) = ctx.shard, ctx.lengths
+        batch, kv_heads, _, dim = grad_key.shape
+        sent = _pack(torch.stack([grad_key, grad_value]), received_lengths)  # back to the previous rank
+        received = grad_key.new_empty(2 * batch * sum(sent_lengths) * dim)
         _exchange(sent, shard.previous, received, shard.next, shard.parallel.group)
-        # the gradient of every token of the shard but its last halo_out is zero here (it flows in directly)
-        pad = (0, 0, shard.length - shard.halo_out, 0)
-        grads = torch.nn.functional.pad(received, pad)  # (2, B, Hk, n, D)
-        return grads[0], grads[1], None
+        # the gradient of what this rank did not send is zero here (it flows in directly)
+        grads = _unpack(received, sent_lengths, (2, batch, kv_heads, shard.length, dim))  # (2, B, Hk, n, D)
+        return grads[0], grads[1], None, None
+
+
+def _pack(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """The last `lengths[j]` tokens of each head j of x (2, B, H, L, D), one flat contiguous tensor."""
+    parts = [x[:, :, head, x.shape[3] - length :].reshape(-1) for head, length in enumerate(lengths) if length]
+    return torch.cat(parts) if parts else x.new_empty(0)
+
+
+def _unpack(flat: torch.Tensor, lengths: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of `_pack` into zeros of `shape` (2, B, H, L, D): head j's tokens end each row."""
+    out = flat.new_zeros(shape)
+    offset, (_, batch, _, total, dim) = 0, shape
+    for head, length in enumerate(lengths):
+        if length:
+            size = 2 * batch * length * dim
+            out[:, :, head, total - length :] = flat[offset : offset + size].view(2, batch, length, dim)
+            offset += size
+    return out
 
 
 def _exchange(sent: torch.Tensor, to: int, received: torch.Tensor, source: int, group) -> None:
@@ -162,8 +201,8 @@ def shard_layout(layout: S2Layout, parallel: ContextParallel) -> S2Layout:
     rank_of = torch.arange(n_total, device=layout.valid.device) // length  # (N,)
     _check_spans(ids, layout.valid, rank_of, size, layout.shift == "roll", group)
     cyclic = layout.shift == "roll"
-    halos = [_halo(ids, layout.valid, r, length, size, cyclic) for r in range(size)]
-    halo_in, halo_out = halos[rank], halos[(rank + 1) % size]
+    halos = [_halo(ids, layout.valid, r, length, size, cyclic) for r in range(size)]  # per rank, per half
+    halo_in = max(halos[rank])
     start = rank * length
     window_index = torch.arange(start - halo_in, start + length, device=layout.valid.device) % n_total  # (h + n,)
     groups = tuple(_dense(ids_half[:, window_index]) for ids_half in ids)
@@ -178,7 +217,7 @@ def shard_layout(layout: S2Layout, parallel: ContextParallel) -> S2Layout:
         empty=not bool(valid.any()),
         groups=groups,
     )
-    shard = _ContextShard(parallel, start, length, halo_in, halo_out, window)
+    shard = _ContextShard(parallel, start, length, halos[rank], halos[(rank + 1) % size], window)
     own = slice(start, start + length)
     return replace(
         layout,
@@ -197,21 +236,24 @@ def _dense(ids: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.unique(row, return_inverse=True)[1] for row in ids])
 
 
-def _halo(ids, valid, rank: int, length: int, size: int, cyclic: bool) -> int:
-    """How many of the previous rank's last tokens share a (document, group) with rank `rank`'s real tokens."""
+def _halo(ids, valid, rank: int, length: int, size: int, cyclic: bool) -> tuple[int, int]:
+    """For each half of the heads, how many of the previous rank's last tokens share a (document, group) with rank
+    `rank`'s real tokens."""
     if rank == 0 and not cyclic:
-        return 0
+        return 0, 0
     previous = (rank - 1) % size
     own = slice(rank * length, (rank + 1) * length)
     before = slice(previous * length, (previous + 1) * length)
-    first = length
+    halves = []
     for ids_half in ids:
+        first = length
         for row in range(ids_half.shape[0]):
             mine = ids_half[row, own][valid[row, own]]
             needed = torch.isin(ids_half[row, before], mine) & valid[row, before]  # (n,)
             if bool(needed.any()):
                 first = min(first, int(needed.nonzero()[0]))
-    return length - first
+        halves.append(length - first)
+    return halves[0], halves[1]
 
 
 def _check_spans(ids, valid, rank_of, size: int, cyclic: bool, group: int) -> None:
