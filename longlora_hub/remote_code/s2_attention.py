@@ -28,7 +28,6 @@ No N x N mask is ever built here: masks are at most (N / G + 1) x G x G. On CPU 
 rows go through `_S2FlashCPU`, which holds one output and one gradient per input instead of per-group copies.
 """
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -195,18 +194,20 @@ def build_s2_layout(
     return S2Layout(group_size, shift, False, valid, doc, local, empty=not bool(valid.any()))
 
 
-# The layouts of recent forwards, for models that do not hand one to their attention layers: every layer of one
-# forward is given the same attention mask and position_ids tensors, so the first layer builds the layout and the
-# others (and gradient checkpointing's recomputation) reuse it. An entry holds weak references to those tensors
-# and their version counters, so it never matches a later forward's new tensors, nor a tensor changed in place.
-_RECENT_LAYOUTS: dict[tuple, tuple[tuple, S2Layout]] = {}
-_MAX_RECENT_LAYOUTS = 4  # models with several mask types (sliding and full layers) keep one entry per type
+# Models that do not hand a layout to their attention layers give every layer of one forward the same attention
+# mask and position_ids tensors: the first layer builds the layout and keeps it on the first of those tensors (an
+# attribute, so it dies with the forward's tensors), and the other layers, and gradient checkpointing's
+# recomputation, find it there. The tensors' version counters are part of the key, so a tensor changed in place gets
+# a new layout. Without either tensor the layout depends on the shape alone: a few are kept here.
+_LAYOUT_ATTRIBUTE = "_s2_layouts"
+_SHAPE_LAYOUTS: dict[tuple, tuple[tuple, S2Layout]] = {}
+_MAX_SHAPE_LAYOUTS = 4
 
 
-def _version_of(tensor: torch.Tensor | None) -> int | None:
-    """The tensor's in-place version counter (None for None, and for inference tensors, which keep none)."""
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (None for inference tensors, which keep none)."""
     try:
-        return None if tensor is None else tensor._version
+        return tensor._version
     except RuntimeError:
         return None
 
@@ -219,15 +220,13 @@ def s2_layout_for(module: torch.nn.Module, query: torch.Tensor, attention_mask, 
     group = s2_group_size(seq_len, getattr(config, "s2_group_size", None), getattr(config, "s2_group_size_ratio", 0.25))
     shift = getattr(config, "s2_shift", "segments")
     position_ids = kwargs.get("position_ids")
-    anchors = tuple(x if isinstance(x, torch.Tensor) else None for x in (attention_mask, position_ids))
-    key = (batch, seq_len, group, shift, query.device, *(id(x) for x in anchors))
-    stamp = tuple(_version_of(x) for x in anchors)
-    entry = _RECENT_LAYOUTS.get(key)
-    if entry is not None:
-        refs, versions, layout = entry
-        # the ids in the key are those of live tensors only if the weak references still point at them
-        if versions == stamp and all(ref is None or ref() is x for ref, x in zip(refs, anchors, strict=True)):
-            return layout
+    anchors = [x for x in (attention_mask, position_ids) if isinstance(x, torch.Tensor)]
+    key = (batch, seq_len, group, shift, query.device, *(_version_of(x) for x in anchors))
+    cache = _SHAPE_LAYOUTS if not anchors else getattr(anchors[0], _LAYOUT_ATTRIBUTE, None)
+    entry = None if cache is None else cache.get(key)
+    # the entry holds the other tensor too: it must be this forward's
+    if entry is not None and all(a is b for a, b in zip(entry[0], anchors[1:], strict=True)):
+        return entry[1]
     layout = build_s2_layout(
         seq_len,
         batch,
@@ -237,11 +236,18 @@ def s2_layout_for(module: torch.nn.Module, query: torch.Tensor, attention_mask, 
         position_ids=position_ids,
         device=query.device,
     )
-    for old in [k for k, (refs, _, _) in _RECENT_LAYOUTS.items() if any(r is not None and r() is None for r in refs)]:
-        del _RECENT_LAYOUTS[old]  # their forward is over: its tensors are gone
-    while len(_RECENT_LAYOUTS) >= _MAX_RECENT_LAYOUTS:
-        del _RECENT_LAYOUTS[next(iter(_RECENT_LAYOUTS))]
-    _RECENT_LAYOUTS[key] = (tuple(None if x is None else weakref.ref(x) for x in anchors), stamp, layout)
+    if not anchors:
+        while len(_SHAPE_LAYOUTS) >= _MAX_SHAPE_LAYOUTS:
+            del _SHAPE_LAYOUTS[next(iter(_SHAPE_LAYOUTS))]
+        _SHAPE_LAYOUTS[key] = ((), layout)
+        return layout
+    if cache is None:
+        cache = {}
+        try:
+            setattr(anchors[0], _LAYOUT_ATTRIBUTE, cache)
+        except (AttributeError, RuntimeError):  # a tensor that takes no attribute (under tracing): build per layer
+            return layout
+    cache[key] = (tuple(anchors[1:]), layout)
     return layout
 
 

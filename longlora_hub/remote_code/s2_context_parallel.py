@@ -201,8 +201,11 @@ def shard_layout(layout: S2Layout, parallel: ContextParallel) -> S2Layout:
     rank_of = torch.arange(n_total, device=layout.valid.device) // length  # (N,)
     _check_spans(ids, layout.valid, rank_of, size, layout.shift == "roll", group)
     cyclic = layout.shift == "roll"
-    halos = [_halo(ids, layout.valid, r, length, size, cyclic) for r in range(size)]  # per rank, per half
-    halo_in = max(halos[rank])
+    # per half: what this rank receives, and what the next rank receives from it (the other ranks' are theirs)
+    halo_in_halves, halo_out_halves = (
+        _halo(ids, layout.valid, r % size, length, size, cyclic) for r in (rank, rank + 1)
+    )
+    halo_in = max(halo_in_halves)
     start = rank * length
     window_index = torch.arange(start - halo_in, start + length, device=layout.valid.device) % n_total  # (h + n,)
     groups = tuple(_dense(ids_half[:, window_index]) for ids_half in ids)
@@ -217,7 +220,7 @@ def shard_layout(layout: S2Layout, parallel: ContextParallel) -> S2Layout:
         empty=not bool(valid.any()),
         groups=groups,
     )
-    shard = _ContextShard(parallel, start, length, halos[rank], halos[(rank + 1) % size], window)
+    shard = _ContextShard(parallel, start, length, halo_in_halves, halo_out_halves, window)
     own = slice(start, start + length)
     return replace(
         layout,
