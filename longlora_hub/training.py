@@ -371,6 +371,10 @@ def enable_context_parallel(model, size: int):
         group = dist.new_group(list(range(start, start + size)))
         if start <= rank < start + size:
             mine = group
+    # a collective that every process of the group joins, before the first halo exchange: NCCL requires the first
+    # operation on a communicator to be one all its ranks call, and a batch of point-to-point ops need not be (the
+    # last rank of a row sends nothing without the roll)
+    dist.barrier(group=mine)
     parallel = ContextParallel(mine)
     holders = [module for module in model.modules() if hasattr(module, "s2_context_parallel")]
     if not holders:

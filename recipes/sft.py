@@ -81,10 +81,14 @@ def prepare(argv: list[str] | None = None) -> tuple[SFTTrainer, Path, tuple]:
     training_args.include_num_input_tokens_seen = True
 
     # the first process of each machine converts, the others then read its output (shared storage or not)
-    with PartialState().local_main_process_first():
+    state = PartialState()
+    with state.local_main_process_first():
         raw = load_data(data_args)  # first: a broken data file then costs seconds, not a conversion and a model load
         base = prepare_base(model_args, ll_args, training_args.output_dir, training_args.max_length)
-        model, tokenizer = load_model_and_tokenizer(base, model_args, ll_args, data_args, training_args.max_length)
+    # every process loads the model at the same time: under ZeRO-3's zero3_init_flag, loading partitions the weights
+    # over the processes with collectives, which a process waiting for the main one would never join (a deadlock)
+    model, tokenizer = load_model_and_tokenizer(base, model_args, ll_args, data_args, training_args.max_length)
+    with state.local_main_process_first():  # the main process fills the datasets cache, the others read it
         dataset = build_dataset(data_args, ll_args, tokenizer, training_args.max_length, raw)
 
     trainer = LongLoRATrainer(

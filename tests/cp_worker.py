@@ -106,6 +106,54 @@ def check_training_step(parallel: ContextParallel, kind: str) -> None:
         torch.testing.assert_close(grad / parallel.size, expected_grads[name], atol=1e-5, rtol=0, msg=name)
 
 
+def check_fsdp2_step() -> None:
+    """FSDP2 as `recipes/accelerate/fsdp2.yaml` sets it up (each decoder layer a unit, resharded after the forward,
+    activation checkpointing), over every process, with context-parallel groups of 2 from the recipe's own
+    `enable_context_parallel`: with 4 processes, 2 groups (data parallel over them) each train on their own batch.
+    FSDP's averaged gradients equal the single-process mean of the groups' batches."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from longlora_hub.training import enable_context_parallel
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    _, model = pair(s2_group_size=8)
+    model.train()
+    batches = []
+    for group in range(world // 2):  # the batch of each context-parallel group
+        ids = torch.randint(3, 384, (2, N), generator=torch.Generator().manual_seed(10 + group))
+        labels = ids.clone()
+        labels[group, : 5 + group] = -100
+        batches.append({"input_ids": ids, "labels": labels})
+    expected = [model(**batch).loss for batch in batches]
+    (sum(expected) / len(expected)).backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    sharded = copy.deepcopy(model)
+    sharded.zero_grad(set_to_none=True)
+    sharded.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in sharded.model.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(sharded, mesh=mesh, reshard_after_forward=True)
+    parallel = enable_context_parallel(sharded, 2)
+    fed = []  # the row lengths the model is fed: half of every row (the test cannot pass with the sharding off)
+    sharded.get_input_embeddings().register_forward_pre_hook(lambda module, inputs: fed.append(inputs[0].shape[-1]))
+    loss = sharded(**batches[rank // 2]).loss  # the model attribute: as the trainer sets it
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    where = f"FSDP2 step rank {rank} (context-parallel rank {parallel.rank})"
+    assert fed == [N // 2], (where, fed)
+    want = sum(value.detach() for value in expected) / len(expected)
+    torch.testing.assert_close(mean_loss / world, want, atol=1e-5, rtol=0, msg=where)
+    for name, param in sharded.named_parameters():
+        assert type(param).__name__ == "DTensor", f"{name} is not sharded"
+        torch.testing.assert_close(param.grad.full_tensor(), expected_grads[name], atol=1e-5, rtol=0, msg=name)
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     parallel = ContextParallel()
@@ -119,6 +167,8 @@ def main() -> None:
             check_attention(parallel, case, backend)
     for kind in ("plain", "roll", "padded", "packed"):
         check_training_step(parallel, kind)
+    if parallel.size % 2 == 0:
+        check_fsdp2_step()
     dist.barrier()
     print(f"rank {parallel.rank} ok", flush=True)
     dist.destroy_process_group()

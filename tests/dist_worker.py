@@ -4,9 +4,10 @@
     accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml tests/dist_worker.py \
         --config recipes/configs/tiny/extend.yaml --output_dir /tmp/run --max_steps 4 ...
 
-Each rank saves `{output_dir}/rank{R}.pt` = {"rank", "world_size", "backend", "distributed_type", "train_row_lengths",
-"weights": {name: tensor}} with the trainable parameters of its (unwrapped) PEFT model and the lengths of the rows its
-embedding saw in training, then prints `rank R done`.
+Each rank saves `{output_dir}/rank{R}.pt` = {"rank", "world_size", "backend", "distributed_type",
+"train_row_lengths", "zero3_partitioned", "weights": {name: tensor}} with the trainable parameters of its
+(unwrapped) PEFT model, the lengths of the rows its embedding saw in training and the parameters ZeRO-3 partitioned,
+then prints `rank R done`.
 """
 
 import importlib.util
@@ -44,6 +45,12 @@ def main(argv: list[str]) -> None:
         "backend": dist.get_backend() if distributed else None,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "train_row_lengths": sorted(lengths),
+        # the parameters of which ZeRO-3 gave this process a part
+        "zero3_partitioned": sorted(
+            name
+            for name, param in trainer.model.named_parameters()
+            if hasattr(param, "ds_tensor") and param.ds_tensor.numel() < param.ds_numel
+        ),
         "weights": {
             name: param.detach().cpu().clone()
             for name, param in trainer.model.named_parameters()
