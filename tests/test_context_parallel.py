@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from longlora_hub.remote_code.s2_attention import build_s2_layout
+from longlora_hub.remote_code.s2_attention import build_s2_layout, s2_attention
 from longlora_hub.remote_code.s2_context_parallel import shard_layout
 
+from .cp_worker import CASES, DIM, SCALE, N
 from .helpers import HANG_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +77,36 @@ def test_the_halo_is_half_a_group_whatever_the_length():
     pad[0, :10] = 0
     shard = shard_layout(build_s2_layout(1024, 1, 64, padding_mask=pad), Ranks(4, 1)).shard
     assert shard.halo_in_halves == (54, 22)  # token 256 is real token 246: groups from 192 and from 224
+
+
+def test_a_shard_receives_only_the_group_its_first_token_continues():
+    """Under the roll the last rank precedes rank 0. Of its tokens rank 0 needs the wrapped group's (10 with G = 12
+    at N = 64), not those of the unshifted group that runs from rank 0 into rank 1 (which come after rank 0's in
+    causal order). The halo used to count them: 32 tokens, the whole shard."""
+    layout = build_s2_layout(64, 1, 12, "roll")
+    assert shard_layout(layout, Ranks(2, 0)).shard.halo_in_halves == (0, 10)
+    assert shard_layout(layout, Ranks(2, 1)).shard.halo_in_halves == (8, 2)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_flex_attends_a_shards_window_as_sdpa_does(case):
+    """A shard's S² is the halo exchange (tests/cp_worker.py) and then any backend over the window [halo, own]:
+    FlexAttention (forward only: it has no CPU backward) gives sdpa's output on every window of every rank at P = 2
+    and 4. The window's groups are its runs, so a group that the halo holds without continuing it (the roll's
+    unshifted one, for another row or half) is not joined to this shard's tokens of the same group."""
+    shift, group, (q_heads, kv_heads), pad, pos = CASES[case]
+    layout = build_s2_layout(N, 2, group, shift, padding_mask=pad, position_ids=pos)
+    gen = torch.Generator().manual_seed(0)
+    for size in (2, 4):
+        for rank in range(size):
+            window = shard_layout(layout, Ranks(size, rank)).shard.window
+            q, k, v = (
+                torch.randn(2, heads, window.seq_len, DIM, generator=gen) for heads in (q_heads, kv_heads, kv_heads)
+            )
+            with torch.no_grad():
+                want = s2_attention(q, k, v, window, SCALE, 0.0, "sdpa")
+                got = s2_attention(q, k, v, window, SCALE, 0.0, "flex_attention")
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=f"P={size} rank {rank}")
 
 
 def test_rows_that_do_not_split_evenly_are_refused_with_the_fix():
@@ -148,6 +179,43 @@ def test_recipe_with_context_parallel_size_2_trains_the_single_process_adapter(t
     if stage == "extend":
         assert single["train_row_lengths"] == [512]
     single, sharded = single["weights"], sharded["weights"]
+    assert single.keys() == sharded.keys() and single
+    for name, weight in single.items():
+        torch.testing.assert_close(sharded[name], weight, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def single_extend_run(tmp_path_factory) -> Path:
+    """The tiny extend recipe's 3 steps in one process, rows padded as a 2-process context-parallel run pads them."""
+    out = tmp_path_factory.mktemp("single-extend")
+    run_recipe(out, [sys.executable], "extend", "--pad_to_multiple_of", "2")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_recipe_with_context_parallel_size_2_under_deepspeed_trains_the_single_process_adapter(
+    tmp_path, single_extend_run, zero
+):
+    """`recipes/accelerate/zero2.yaml` and `zero3.yaml` as shipped (2 processes, no mixed precision, on the CPU over
+    gloo) with `context_parallel_size: 2`: the adapter saved at the end is the one a single process trains. ZeRO-3
+    partitions every weight over the 2 processes from the load on (`zero3_init_flag`), which made the recipe hang
+    while the main process loaded the model alone; the final save gathers the adapter (`zero3_save_16bit_model`)."""
+    pytest.importorskip("deepspeed")  # in the dev extra: `make test` has it
+    from safetensors.torch import load_file
+
+    single_dir, sharded_dir = single_extend_run, tmp_path / zero
+    config = ROOT / "recipes" / "accelerate" / f"{zero}.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    launch += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"]
+    # on the CPU: accelerate uses DeepSpeed only off `use_cpu`, and without CUDA it needs the backend named
+    cpu = ("--use_cpu", "false", "--ddp_backend", "gloo")
+    record = run_recipe(sharded_dir, launch, "extend", *cpu, "--context_parallel_size", "2")
+    assert record["distributed_type"] == "DistributedType.DEEPSPEED" and record["world_size"] == 2
+    assert record["train_row_lengths"] == [256]  # half of every 512-token row
+    if zero == "zero3":  # each process holds half of every weight, the frozen ones included
+        assert len(record["zero3_partitioned"]) > 30
+    single, sharded = (load_file(folder / "adapter_model.safetensors") for folder in (single_dir, sharded_dir))
     assert single.keys() == sharded.keys() and single
     for name, weight in single.items():
         torch.testing.assert_close(sharded[name], weight, atol=1e-5, rtol=0, msg=name)

@@ -208,8 +208,8 @@ def shard_layout(layout: S2Layout, parallel: ContextParallel) -> S2Layout:
     halo_in = max(halo_in_halves)
     start = rank * length
     window_index = torch.arange(start - halo_in, start + length, device=layout.valid.device) % n_total  # (h + n,)
-    groups = tuple(_dense(ids_half[:, window_index]) for ids_half in ids)
     valid = layout.valid[:, window_index]
+    groups = tuple(_runs(ids_half[:, window_index], valid) for ids_half in ids)
     window = S2Layout(
         group,
         "segments",  # the groups are given: nothing is rolled or shifted on the window
@@ -234,14 +234,26 @@ def shard_layout(layout: S2Layout, parallel: ContextParallel) -> S2Layout:
     )
 
 
-def _dense(ids: torch.Tensor) -> torch.Tensor:
-    """(B, L) ids renumbered 0, 1, ... within each row (equal stays equal), so they fit the window's arithmetic."""
-    return torch.stack([torch.unique(row, return_inverse=True)[1] for row in ids])
+def _runs(ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, L) ids -> one id per run of consecutive real tokens with the same (document, group), counted from 1 in
+    each row (a padding token takes the id of the run before it). The window's groups are its runs: a group of the
+    previous shard that is not continued across the boundary (one the halo holds for another row or half of the
+    heads) stays apart from this shard's tokens of the same group, on every backend."""
+    runs = torch.zeros_like(ids)
+    for row in range(ids.shape[0]):
+        real = valid[row].nonzero().squeeze(-1)  # (T,)
+        keys = ids[row, real]
+        starts = torch.ones_like(keys, dtype=torch.bool)
+        starts[1:] = keys[1:] != keys[:-1]
+        runs[row, real] = starts.long()
+        runs[row] = runs[row].cumsum(0)
+    return runs
 
 
 def _halo(ids, valid, rank: int, length: int, size: int, cyclic: bool) -> tuple[int, int]:
-    """For each half of the heads, how many of the previous rank's last tokens share a (document, group) with rank
-    `rank`'s real tokens."""
+    """For each half of the heads, how many of the previous rank's last tokens rank `rank` needs: those of the run
+    (document, group) that its first real token continues (groups are consecutive in causal order, the roll's
+    wrapped one included, so no other group crosses the boundary)."""
     if rank == 0 and not cyclic:
         return 0, 0
     previous = (rank - 1) % size
@@ -251,10 +263,16 @@ def _halo(ids, valid, rank: int, length: int, size: int, cyclic: bool) -> tuple[
     for ids_half in ids:
         first = length
         for row in range(ids_half.shape[0]):
-            mine = ids_half[row, own][valid[row, own]]
-            needed = torch.isin(ids_half[row, before], mine) & valid[row, before]  # (n,)
-            if bool(needed.any()):
-                first = min(first, int(needed.nonzero()[0]))
+            mine = valid[row, own].nonzero()
+            if not mine.numel():
+                continue
+            key = ids_half[row, own][mine[0, 0]]  # the group of this shard's first real token
+            tokens, real = ids_half[row, before], valid[row, before]
+            other = (real & (tokens != key)).nonzero()  # the run ends at the last real token of another group
+            start = int(other[-1]) + 1 if other.numel() else 0
+            needed = (real[start:] & (tokens[start:] == key)).nonzero()
+            if needed.numel():
+                first = min(first, start + int(needed[0]))
         halves.append(length - first)
     return halves[0], halves[1]
 
