@@ -5,9 +5,9 @@
         --config recipes/configs/tiny/extend.yaml --output_dir /tmp/run --max_steps 4 ...
 
 Each rank saves `{output_dir}/rank{R}.pt` = {"rank", "world_size", "backend", "distributed_type",
-"train_row_lengths", "zero3_partitioned", "weights": {name: tensor}} with the trainable parameters of its
-(unwrapped) PEFT model, the lengths of the rows its embedding saw in training and the parameters ZeRO-3 partitioned,
-then prints `rank R done`.
+"train_row_lengths", "parameters", "zero3_partitioned", "weights": {name: tensor}}: the lengths of the rows its
+embedding saw in training, the names of all the parameters of its (unwrapped) PEFT model and of those ZeRO-3 gave
+it a part of, and the trainable ones' values; then prints `rank R done`.
 """
 
 import importlib.util
@@ -45,6 +45,7 @@ def main(argv: list[str]) -> None:
         "backend": dist.get_backend() if distributed else None,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "train_row_lengths": sorted(lengths),
+        "parameters": sorted(name for name, _ in trainer.model.named_parameters()),
         # the parameters of which ZeRO-3 gave this process a part
         "zero3_partitioned": sorted(
             name

@@ -8,8 +8,8 @@ boundary, so the halo is G/2 tokens of the shifted heads' keys and values, whate
 Ulysses move every key/value block (or every token's heads) instead, which grows with N.
 
 The halo lengths come from the whole row's layout (its padding mask and position_ids are O(N) integers, which every
-rank of the group has, since context-parallel ranks get the same batch): a halo is the previous shard's suffix whose
-tokens share a (document, group) with this shard. Padding and packing are then exact too. With
+rank of the group has, since context-parallel ranks get the same batch): a halo is the previous shard's suffix that
+continues the (document, group) of this shard's first real token. Padding and packing are then exact too. With
 `s2_shift="roll"` the last group wraps onto the row's start, so rank 0's previous rank is P - 1.
 
 Per layer, in the forward, each rank sends its suffix of keys and values to the next rank and receives its halo from
