@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-real real-model lint format demo bench gpu-check clean
+.PHONY: install test test-oldest test-real real-model lint format demo bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,25 @@ real-model: $(STAMP)
 # the real-model tier runs inside `make test` (about 6 minutes on 2 cores) and must not skip there
 test: lint real-model
 	LONGLORA_HUB_REQUIRE_REAL=1 $(PY) -m pytest -q
+
+# the same suite on the lower bound of every dependency in pyproject.toml (.ci/lower_bounds.py pins them), in a venv
+# of its own; `make test` is the other end, the newest versions a fresh install resolves
+OLDEST ?= .venv-oldest
+OLDEST_PY := $(OLDEST)/bin/python
+OLDEST_STAMP := $(OLDEST)/.installed
+
+$(OLDEST_STAMP): pyproject.toml
+	test -x $(OLDEST_PY) || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST_PY) -m pip install --quiet --upgrade pip
+	$(OLDEST_PY) -m pip install --quiet $(TORCH_CPU)
+	$(OLDEST_PY) .ci/lower_bounds.py > $(OLDEST)/constraints.txt
+	$(OLDEST_PY) -m pip install --quiet -c $(OLDEST)/constraints.txt -e ".[dev]"
+	touch $@
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_PY) -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|trl|accelerate|datasets|huggingface.hub) '
+	$(OLDEST_PY) -m longlora_hub.real_model
+	LONGLORA_HUB_REQUIRE_REAL=1 $(OLDEST_PY) -m pytest -q
 
 test-real: real-model
 	LONGLORA_HUB_REQUIRE_REAL=1 $(PY) -m pytest -q -m real
@@ -77,4 +96,4 @@ gpu-check:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo_output
+	rm -rf $(VENV) $(OLDEST) .pytest_cache .ruff_cache demo_output build *.egg-info

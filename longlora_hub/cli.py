@@ -73,7 +73,8 @@ def convert(
     rope_type: str,
     ceil: bool,
 ) -> None:
-    """Convert the Llama checkpoint BASE (a folder or a Hub id) into a LlamaLongLoRA checkpoint in OUTPUT.
+    """Convert the Llama checkpoint BASE (a folder, a Hub id, or builtin:tiny-llama-pretrained, the tiny base this
+    package ships) into a LlamaLongLoRA checkpoint in OUTPUT.
 
     Only config.json is rewritten (RoPE scaling for the new context, S²-Attn settings, remote code); the weights
     and tokenizer are copied as they are, never loaded.
@@ -115,6 +116,33 @@ def convert(
     click.echo(f"  RoPE:       {describe(rope)}")
     click.echo(f"  S² groups:  {groups}")
     click.echo(f"Load it with AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).")
+
+
+@main.command(
+    "train",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.pass_context
+def train(ctx: click.Context) -> None:
+    """Train with the LongLoRA recipe (recipes/sft.py, shipped in the package).
+
+    \b
+    longlora-hub train --config smollm2-135m/32k_extend [--key value ...]
+    longlora-hub train --config my_recipe.yaml --max_steps 10
+    longlora-hub train --list    the shipped configs' names, and where the accelerate launch configs are
+    longlora-hub train --help    every recipe key (the YAML's keys are the same)
+
+    Under accelerate: accelerate launch [--config_file PATH] -m longlora_hub.train --config NAME ...
+    """
+    if ctx.args == ["--list"]:
+        from .recipes import listing
+
+        click.echo(listing())
+        return
+    from .recipes.sft import run
+
+    run(ctx.args)
 
 
 def _add_command_groups() -> None:

@@ -239,7 +239,8 @@ def ppl(
 ) -> None:
     """Perplexity of MODEL on long documents at one or more context lengths.
 
-    MODEL is a LlamaLongLoRA checkpoint, a merged or stock Llama, or a base with --adapter (a folder or a Hub id).
+    MODEL is a LlamaLongLoRA checkpoint, a merged or stock Llama, or a base with --adapter (a folder or a Hub id;
+    builtin:tiny-llama-pretrained is the tiny base this package ships).
     Evaluation uses full attention unless --s2 is given.
     """
     from .evaluation.loading import (
@@ -350,7 +351,8 @@ def passkey(
     """Passkey retrieval accuracy of MODEL by prompt length and needle depth.
 
     The LongLoRA reference protocol: a pass key hidden in repeated filler text, greedy decoding, exact match of the
-    answer's tokens. MODEL is a LlamaLongLoRA checkpoint, a merged or stock Llama, or a base with --adapter.
+    answer's tokens. MODEL is a LlamaLongLoRA checkpoint, a merged or stock Llama, or a base with --adapter
+    (builtin:tiny-llama-pretrained is the tiny base this package ships).
     """
     from .evaluation.loading import (
         check_reachable,

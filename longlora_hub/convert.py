@@ -25,6 +25,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .builtin import model_location
 from .log import get_logger, progress_bar
 from .rope import EXTENSION_ROPE_TYPES, position_interpolation, read_rope
 
@@ -718,8 +719,8 @@ def convert_checkpoint(
 
     Args:
         base (`str` or `Path`):
-            A local checkpoint folder, or a Hub repo id (its config, weights, tokenizer and generation config are
-            downloaded).
+            A local checkpoint folder, a Hub repo id (its config, weights, tokenizer and generation config are
+            downloaded), or `builtin:tiny-llama-pretrained`, the tiny base this package ships.
         output (`str` or `Path`):
             A new or empty folder for the converted checkpoint.
         context_length (`int` or `None`):
@@ -752,6 +753,7 @@ def convert_checkpoint(
     """
     _check_s2_settings(group_size_ratio, group_size)
     output = Path(output).expanduser()
+    base = model_location(str(base)) if isinstance(base, str) else base
     local_base = Path(base).expanduser()
     if local_base.exists():
         _check_output(output, local_base)  # before any download or work

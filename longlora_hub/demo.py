@@ -15,25 +15,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 PASSKEY_LENGTHS = (256, 512, 1024)  # also the perplexity lengths
 
 
 def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("longlora_sft_recipe", ROOT / "recipes" / "sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_stage(sft, config: Path, model: Path, output: Path, steps: int) -> str:
@@ -84,8 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):
         raise SystemExit(f"{output} exists and is not empty; remove it or pass --output to another folder.")
-    sft = load_recipe()
-    configs = ROOT / "recipes" / "configs" / "tiny"
+    from longlora_hub.recipes import CONFIGS, sft  # recipes/ of a clone, shipped in the package
+
+    configs = CONFIGS / "tiny"
     extend_config = configs / "extend_pretrained.yaml"
     extend_steps = args.extend_steps or yaml.safe_load(extend_config.read_text())["max_steps"]
 

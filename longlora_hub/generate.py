@@ -24,11 +24,12 @@ from typing import Any
 
 import click
 
+from .builtin import SHIPPED_MODEL as BUILTIN_MODEL  # the shipped tiny base, for trying the command without a download
+from .builtin import model_location
 from .log import get_logger
 
 TEMPLATES = ("auto", "chat", "inst")
 DEFAULT_MAX_NEW_TOKENS = 512
-BUILTIN_MODEL = "builtin:tiny-llama-pretrained"  # the shipped tiny base, for trying the command without a download
 
 logger = get_logger(__name__)
 
@@ -311,15 +312,6 @@ def generate(
     return Generation(token_ids=new_ids, text=tokenizer.decode(new_ids, skip_special_tokens=True))
 
 
-def _model_location(model: str) -> str:
-    """MODEL as a checkpoint location: `builtin:tiny-llama-pretrained` is the tiny base this package ships."""
-    if model == BUILTIN_MODEL:
-        from .training import PRETRAINED_TINY
-
-        return str(PRETRAINED_TINY)
-    return model
-
-
 @click.command("generate", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
 @click.option(
@@ -428,7 +420,7 @@ def generate_command(
     try:
         document = read_material(material)  # before anything loads: a wrong file costs no download
         device = resolve_device(device)
-        source = resolve_source(_model_location(model), adapter, revision, trust_remote_code=trust_remote_code)
+        source = resolve_source(model_location(model), adapter, revision, trust_remote_code=trust_remote_code)
         config = load_config(source)
         tokenizer = load_tokenizer(source)
         prompt = build_prompt(tokenizer, document, question, template)

@@ -25,8 +25,11 @@ TRAINABLE_MODES = ("longlora", "lora", "full", "qlora")
 # former names, accepted for one release with a FutureWarning
 RENAMED_MODES = {"lora_plus": "longlora"}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# "norm" matches input_layernorm, post_attention_layernorm and the final norm (PEFT matches by suffix)
-EMBEDDING_AND_NORMS = ("embed_tokens", "norm")
+# every norm by its own name: PEFT 0.22 matches a modules_to_save entry only as a whole name at the end of a module's
+# path, so "norm" alone would now train the final norm and no layer's (PEFT 0.21 and earlier matched any suffix)
+EMBEDDING_AND_NORMS = ("embed_tokens", "input_layernorm", "post_attention_layernorm", "norm")
+# the sub-module names PEFT gives what it adds: a trainable parameter under one of them belongs to the module above it
+LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
 def trainable_mode(mode: str, stacklevel: int = 2) -> str:
@@ -106,6 +109,115 @@ def lora_config(
     )
 
 
+def _matches(path: str, name: str) -> bool:
+    """Whether the module at `path` is the one `name` names: the whole path, or its last dotted parts."""
+    return path == name or path.endswith("." + name)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def promised_trainable(
+    model: nn.Module,
+    mode: str,
+    target_modules: list[str] | tuple[str, ...] = LORA_TARGETS,
+    extra_modules_to_save: list[str] | tuple[str, ...] | None = (),
+) -> dict[str, str]:
+    r"""
+    What a mode promises to train in `model` (before PEFT wraps it), by module path: `"lora"` for a module that gets
+    a LoRA adapter, `"full"` for one trained in full. Read from the model itself (its input embedding, every module
+    whose class is an RMSNorm or LayerNorm, every projection named in `target_modules`), never from how a PEFT
+    release matches names, so that `check_trainable` can hold PEFT's result against it.
+
+    Args:
+        model (`nn.Module`): The model as loaded, before `get_peft_model`.
+        mode (`str`): A trainable-modules mode (`TRAINABLE_MODES`).
+        target_modules (`list[str]`, *optional*): The projections that get LoRA; q, k, v, o by default.
+        extra_modules_to_save (`list[str]`, *optional*): The recipe's `lora_modules_to_save`.
+    """
+    mode = trainable_mode(mode, stacklevel=2)
+    if mode == "full":
+        return {name.rpartition(".")[0]: "full" for name, _ in model.named_parameters()}
+    embedding = model.get_input_embeddings()
+    promised = {}
+    for path, module in model.named_modules():
+        if any(_matches(path, name) for name in target_modules) and not list(module.children()):
+            promised[path] = "lora"
+        if mode != "lora" and (module is embedding or _is_norm(module)):
+            promised[path] = "full"
+        if any(_matches(path, name) for name in extra_modules_to_save or ()):
+            promised[path] = "full"
+    return promised
+
+
+def trained_modules(model: nn.Module) -> dict[str, str]:
+    """The modules of a (PEFT) model that have a trainable parameter, by their path in the unwrapped model: `"lora"`
+    where the parameter is in a LoRA adapter PEFT added, `"full"` where it is the module's own (or PEFT's trained
+    copy of it, `modules_to_save`)."""
+    trained = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        parts = name.removeprefix("base_model.model.").split(".")
+        for index, part in enumerate(parts):
+            if part in LORA_PARTS or part == "modules_to_save":
+                trained[".".join(parts[:index])] = "lora" if part in LORA_PARTS else "full"
+                break
+        else:
+            trained[".".join(parts[:-1])] = "full"
+    return trained
+
+
+def check_trainable(model: nn.Module, promised: dict[str, str], mode: str) -> None:
+    r"""
+    Refuse to train when what trains in `model` (a PEFT model, or the model itself for `full`) is not what the mode
+    promised (`promised_trainable`, taken before PEFT wrapped the model): a library that changes how it matches
+    module names (PEFT 0.22 and `modules_to_save`) must stop a run, not turn it into another method silently.
+
+    Raises:
+        `ValueError`: Naming the modules that do not train and those that train without being asked, by name and
+            count (`input_layernorm` x 30).
+    """
+    import peft
+
+    trained = trained_modules(model)
+    missing = [path for path, kind in promised.items() if trained.get(path) != kind]
+    unasked = [path for path in trained if path not in promised]
+    if not missing and not unasked:
+        return
+    problems = []
+    if missing:
+        problems.append(f"these do not train: {_summary(missing, promised)}")
+    if unasked:
+        problems.append(f"these train without being asked: {_summary(unasked, trained)}")
+    raise ValueError(
+        f"trainable: {mode} is not what PEFT {peft.__version__} set up: {'; '.join(problems)}. The run is stopped "
+        f"before its first step. Install the PEFT longlora-hub was tested with (pip install '{_tested_peft()}'), or "
+        "report it with these names."
+    )
+
+
+def _tested_peft() -> str:
+    """This package's requirement on PEFT, as pip takes it (`peft>=0.21.2,<0.23`)."""
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires("longlora-hub") or []
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        requirements = []
+    return next((r.split(";")[0].replace(" ", "") for r in requirements if r.lower().startswith("peft")), "peft")
+
+
+def _summary(paths: list[str], kinds: dict[str, str]) -> str:
+    """`input_layernorm (full) x 30, q_proj (lora) x 30`: module paths grouped by their last name and kind."""
+    counts: dict[str, int] = {}
+    for path in paths:
+        key = f"{path.rpartition('.')[2] or path} ({kinds[path]})"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(key if count == 1 else f"{key} x {count}" for key, count in counts.items())
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """`(trainable, total)` parameter counts (a PEFT model counts the frozen base and the saved-module copies)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -117,8 +229,11 @@ __all__ = [
     "LORA_TARGETS",
     "RENAMED_MODES",
     "TRAINABLE_MODES",
+    "check_trainable",
     "count_parameters",
     "lora_config",
     "modules_to_save",
+    "promised_trainable",
     "trainable_mode",
+    "trained_modules",
 ]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .builtin import PRETRAINED_TINY
 from .convert import trust_remote_code_for
 from .data import DEFAULT_TEMPLATE, load_raw_dataset, pack_documents, to_prompt_completion
 from .log import get_logger, set_verbosity
@@ -32,8 +33,6 @@ logger = get_logger(__name__)
 
 STAGES = ("extend", "longqa")
 BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-llama-3m", "builtin:tiny-llama-pretrained")
-# the pretrained tiny base shipped with the package (see its README.md for how it was made)
-PRETRAINED_TINY = Path(__file__).resolve().parent / "assets" / "tiny-llama-pretrained"
 # the 3.4M-parameter Llama the shipped base was pretrained from: 4 layers of 256, 4 heads of 64, context 256, with
 # the corpus tokenizer (512 tokens, digits split); random weights
 TINY_3M_SHAPE = {

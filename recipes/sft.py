@@ -11,6 +11,9 @@ accelerate launch --config_file recipes/accelerate/zero2.yaml recipes/sft.py \
 # the tiny CPU recipes
 python recipes/sft.py --config recipes/configs/tiny/extend.yaml
 python recipes/sft.py --config recipes/configs/tiny/longqa.yaml
+# the same code from an installed package (a config by file or by name)
+longlora-hub train --config tiny/extend
+accelerate launch -m longlora_hub.train --config smollm2-135m/32k_extend
 ```
 
 The YAML fills the dataclasses below and TRL's `SFTConfig`; command-line flags override it; unknown keys are
@@ -20,11 +23,14 @@ that names the fix (exit status 1). The logic lives in `longlora_hub/training.py
 
 import argparse
 import difflib
+import sys
 from pathlib import Path
 
 from accelerate import PartialState
 from trl import SFTConfig, SFTTrainer, TrlParser
 
+from longlora_hub.recipes import config_path
+from longlora_hub.trainable import check_trainable, promised_trainable
 from longlora_hub.training import (
     RENAMED_KEYS,
     DataArguments,
@@ -90,6 +96,8 @@ def prepare(argv: list[str] | None = None) -> tuple[SFTTrainer, Path, tuple]:
     model, tokenizer = load_model_and_tokenizer(base, model_args, ll_args, data_args, training_args.max_length)
     with state.local_main_process_first():  # the main process fills the datasets cache, the others read it
         dataset = build_dataset(data_args, ll_args, tokenizer, training_args.max_length, raw)
+    # what `trainable` trains, read from the model before PEFT wraps it: held against PEFT's result below
+    promised = promised_trainable(model, ll_args.trainable, ll_args.lora_target_modules, ll_args.lora_modules_to_save)
 
     trainer = LongLoRATrainer(
         model=model,
@@ -101,6 +109,7 @@ def prepare(argv: list[str] | None = None) -> tuple[SFTTrainer, Path, tuple]:
         callbacks=[TokensPerSecondCallback()],
         context_parallel_size=ll_args.context_parallel_size,
     )
+    check_trainable(trainer.model, promised, ll_args.trainable)  # a PEFT release must not change the method silently
     return trainer, base, (model_args, ll_args, data_args, training_args)
 
 
@@ -117,7 +126,9 @@ def train(trainer: SFTTrainer, base: Path, arguments: tuple) -> SFTTrainer:
 
 
 def parse(parser: TrlParser, argv: list[str] | None):
-    """TRL's parser, with the valid keys listed and the nearest one named when a YAML key or a flag is unknown."""
+    """TRL's parser, with the valid keys listed and the nearest one named when a YAML key or a flag is unknown, and
+    `--config` taking a shipped config's name as well as a file."""
+    argv = _config_by_name(sys.argv[1:] if argv is None else list(argv))
     try:
         *arguments, from_yaml, from_command_line = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
@@ -140,6 +151,17 @@ def parse(parser: TrlParser, argv: list[str] | None):
     return arguments
 
 
+def _config_by_name(argv: list[str]) -> list[str]:
+    """`argv` with the value of `--config` made a file's path (`recipes.config_path`); `--config=FILE` becomes
+    `--config FILE`, the one form TRL's parser reads a YAML from."""
+    for index, item in enumerate(argv):
+        if item == "--config" and index + 1 < len(argv):
+            return [*argv[: index + 1], config_path(argv[index + 1]), *argv[index + 2 :]]
+        if item.startswith("--config="):
+            return [*argv[:index], "--config", config_path(item.removeprefix("--config=")), *argv[index + 1 :]]
+    return argv
+
+
 def _unknown(names: list[str], what: str, prefix: str, valid: list[str]) -> str:
     """One line per unknown name, with the valid key nearest to it, then the valid keys."""
     lines = []
@@ -154,9 +176,14 @@ def _unknown(names: list[str], what: str, prefix: str, valid: list[str]) -> str:
     return "\n".join([*lines, f"Valid keys: {', '.join(valid)}"])
 
 
-if __name__ == "__main__":
+def run(argv: list[str] | None = None) -> None:
+    """The command line (`python recipes/sft.py`, `longlora-hub train`, `python -m longlora_hub.train`)."""
     try:
-        prepared = prepare()
+        prepared = prepare(argv)
     except (ValueError, OSError) as error:  # the configuration's, the data's or a checkpoint's: the message says
         raise SystemExit(f"error: {error}") from None  # what to change, a traceback would only bury it
     train(*prepared)
+
+
+if __name__ == "__main__":
+    run()

@@ -196,7 +196,19 @@ def test_a_short_real_run_learns_and_reloads(trained, tokens):
     print(f"real-model training losses: {losses}")
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     config = json.loads((output / "adapter_config.json").read_text())
-    assert set(config["modules_to_save"]) >= {"embed_tokens", "norm"}
+    assert set(config["modules_to_save"]) >= {"embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"}
+    # on the PEFT model that trained: LoRA on q/k/v/o and a trained copy of the embedding and every norm of the 30
+    # layers, nothing else (lm_head, tied to the embedding, stays frozen)
+    prefix = "base_model.model.model."
+    layers = [f"{prefix}layers.{i}." for i in range(30)]
+    want = {f"{prefix}{name}.modules_to_save.default.weight" for name in ("embed_tokens", "norm")}
+    want |= {
+        f"{layer}{n}.modules_to_save.default.weight"
+        for layer in layers
+        for n in ("input_layernorm", "post_attention_layernorm")
+    }
+    want |= {f"{layer}self_attn.{p}_proj.lora_{h}.default.weight" for layer in layers for p in "qkvo" for h in "AB"}
+    assert {name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad} == want
     ids = tokens[None, -512:]
     with torch.no_grad():
         want = trainer.model.eval()(ids).logits
@@ -223,7 +235,9 @@ def test_merge_on_the_tied_base_gives_the_adapters_logits(trained, tokens, tmp_p
     ids = tokens[None, -512:]
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(output / "base", trust_remote_code=True)
-        want = PeftModel.from_pretrained(base, output).eval()(ids).logits
+        adapter = PeftModel.from_pretrained(base, output).eval()
+        want = adapter(ids).logits
+        peft_merged = adapter.merge_and_unload()(ids).logits  # PEFT's own merge of the same adapter
         if architecture == "llama":
             assert "auto_map" not in config
             model = LlamaForCausalLM.from_pretrained(merged).eval()
@@ -231,8 +245,16 @@ def test_merge_on_the_tied_base_gives_the_adapters_logits(trained, tokens, tmp_p
             model = AutoModelForCausalLM.from_pretrained(merged, trust_remote_code=True).eval()
         got = model(ids).logits
     difference = (got - want).abs().max().item()
-    print(f"real-model merge ({architecture}): max |logit difference| to the adapter {difference:.2e}")
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    peft_difference = (peft_merged - want).abs().max().item()
+    print(
+        f"real-model merge ({architecture}): max |logit difference| to the adapter {difference:.2e} (PEFT's own "
+        f"merge_and_unload: {peft_difference:.2e}), to PEFT's merge {(got - peft_merged).abs().max().item():.2e}"
+    )
+    # merged weights round W + s·BA to float32 once: over 30 layers that moves logits of ~40 by 1-2e-4, for PEFT's
+    # merge as for ours, so the merge is held to PEFT's (measured equal to 0.0 in float32) and to the adapter as
+    # closely as PEFT's merge comes
+    torch.testing.assert_close(got, peft_merged, atol=1e-5, rtol=0)
+    assert difference <= peft_difference + 1e-5 and difference < 1e-3
 
 
 def _eval(args: list[str]) -> None:

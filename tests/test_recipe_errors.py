@@ -355,7 +355,8 @@ def test_lora_modules_to_save_adds_to_what_trainable_implies():
     from longlora_hub.training import peft_config
 
     extra = LongLoRAArguments(lora_modules_to_save=["lm_head", "norm"])
-    assert peft_config(extra).modules_to_save == ["embed_tokens", "norm", "lm_head"]
+    norms = ["input_layernorm", "post_attention_layernorm", "norm"]
+    assert peft_config(extra).modules_to_save == ["embed_tokens", *norms, "lm_head"]
     assert peft_config(LongLoRAArguments(trainable="lora", lora_modules_to_save=["lm_head"])).modules_to_save == [
         "lm_head"
     ]

@@ -41,6 +41,10 @@ def test_extend_stage_adapter_round_trip(tmp_path, capsys):
 
     out = tmp_path / "extend"
     trainer = run(TINY_EXTEND, out, *short("--logging_steps", "1"))
+    # what trained, on the PEFT model the trainer ran (tests/test_trainable.py spells the names out for every mode)
+    from .test_trainable import expected_names, requires_grad
+
+    assert requires_grad(trainer.model) == expected_names("longlora")
     history = losses(trainer)
     assert history[-1] < history[0], history
     assert "'tokens_per_second'" in capsys.readouterr().out  # the per-interval rate in every log line
@@ -82,7 +86,13 @@ def test_the_former_mode_name_and_more_modules_to_save(tmp_path):
         )
     assert json.loads((out / "longlora_hub.json").read_text())["trainable"] == "longlora"
     adapter_config = json.loads((out / "adapter_config.json").read_text())
-    assert sorted(adapter_config["modules_to_save"]) == ["embed_tokens", "lm_head", "norm"]
+    assert adapter_config["modules_to_save"] == [
+        "embed_tokens",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "norm",
+        "lm_head",
+    ]
     saved = load_file(out / "adapter_model.safetensors")
     assert any("lm_head" in key for key in saved) and any("embed_tokens" in key for key in saved)
 

@@ -159,9 +159,8 @@ def worker(run: str, seed: int, output: Path, size: dict) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=True)  # its config has an auto_map
         trainable, loss, steps = 0, [], 0
     else:
-        from longlora_hub.demo import load_recipe
+        from longlora_hub.recipes import sft
 
-        sft = load_recipe()
         argv = ["--config", str(CONFIG), "--output_dir", str(folder), "--seed", str(seed), "--disable_tqdm", "true"]
         for key, value in RUNS[run].items():
             argv += [f"--{key}", value]

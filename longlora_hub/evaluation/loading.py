@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ..builtin import model_location
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -139,7 +141,8 @@ def resolve_source(
 
     Args:
         model (`str`):
-            A checkpoint folder or Hub id, or an adapter folder.
+            A checkpoint folder or Hub id, an adapter folder, or `builtin:tiny-llama-pretrained` (the tiny base this
+            package ships).
         adapter (`str`, *optional*):
             A PEFT adapter folder to apply on `model`.
         revision (`str`, *optional*):
@@ -153,6 +156,7 @@ def resolve_source(
     Raises:
         `FileNotFoundError`: If the model or the adapter folder is missing, or the adapter's base cannot be found.
     """
+    model = model_location(model)
     if adapter is not None:
         adapter_dir = Path(adapter).expanduser()
         if not adapter_dir.is_dir():

@@ -392,8 +392,14 @@ def load_tokenizer(name_or_path: str | None):
         return None
     from transformers import AutoTokenizer
 
+    from ..convert import trust_remote_code_for
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        try:  # a LlamaLongLoRA folder names this package's own code: no y/N question from transformers
+            trust = trust_remote_code_for(name_or_path)
+        except ValueError:  # another checkpoint's code: transformers asks, as it would without this package
+            trust = None
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust)
     except (OSError, ValueError) as error:
         raise ValueError(f"Cannot load the tokenizer {name_or_path!r}: {error}") from error
     if not getattr(tokenizer, "is_fast", False):
