@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .builtin import model_location
 from .log import get_logger, progress_bar
+from .remote_code.configuration_llama_longlora import check_s2_settings
 from .rope import EXTENSION_ROPE_TYPES, position_interpolation, read_rope
 
 if TYPE_CHECKING:
@@ -123,21 +124,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         "the original checkpoint",
         what=' with the model\'s settings ({"model_type": ..., "hidden_size": ..., ...})',
     )
-
-
-def _check_s2_settings(group_size_ratio: float, group_size: int | None) -> None:
-    if isinstance(group_size_ratio, bool) or not 0.0 < float(group_size_ratio) <= 1.0:
-        raise ValueError(
-            f"The group size ratio must be in (0, 1], got {group_size_ratio}; the paper uses 0.25 (groups of a "
-            "quarter of the sequence)."
-        )
-    if group_size is not None and (
-        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2
-    ):
-        raise ValueError(
-            f"The group size must be an even number of tokens >= 2 (the shifted heads move by half a group), got "
-            f"{group_size!r}; or leave it unset to use the group size ratio."
-        )
 
 
 def read_provenance(folder: str | Path) -> dict[str, Any]:
@@ -673,7 +659,7 @@ def build_config(
         )
     if rope_type not in EXTENSION_ROPE_TYPES:
         raise ValueError(f"The RoPE type must be one of {', '.join(EXTENSION_ROPE_TYPES)}, got {rope_type!r}.")
-    _check_s2_settings(group_size_ratio, group_size)
+    check_s2_settings(group_size_ratio=group_size_ratio, group_size=group_size)
     read_rope(config_dict)  # a RoPE transformers cannot run (factor 0, a string) is refused here, not at training
     if context_length is None:
         extension = {}
@@ -751,7 +737,7 @@ def convert_checkpoint(
         `ValueError`: If the base is not a Llama checkpoint, `context_length` is not above its context, the RoPE
             scaling cannot be combined, the group size (ratio) is invalid, or `output` is the base folder.
     """
-    _check_s2_settings(group_size_ratio, group_size)
+    check_s2_settings(group_size_ratio=group_size_ratio, group_size=group_size)
     output = Path(output).expanduser()
     base = model_location(str(base)) if isinstance(base, str) else base
     local_base = Path(base).expanduser()

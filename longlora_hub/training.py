@@ -25,7 +25,7 @@ from .builtin import PRETRAINED_TINY
 from .convert import trust_remote_code_for
 from .data import DEFAULT_TEMPLATE, load_raw_dataset, pack_documents, to_prompt_completion
 from .log import get_logger, set_verbosity
-from .remote_code.configuration_llama_longlora import S2_SHIFTS
+from .remote_code.configuration_llama_longlora import check_s2_settings
 from .remote_code.s2_attention import s2_group_size
 from .trainable import LORA_TARGETS, TRAINABLE_MODES, lora_config, trainable_mode
 
@@ -258,10 +258,7 @@ def check_arguments(model_args: ModelArguments, ll_args: LongLoRAArguments, data
                 "trainable: qlora needs a CUDA GPU and bitsandbytes (pip install 'longlora-hub[gpu]'); use longlora "
                 "on this machine."
             )
-    if ll_args.s2_shift not in S2_SHIFTS:
-        raise ValueError(f"s2_shift must be one of {S2_SHIFTS}, got {ll_args.s2_shift!r}.")
-    if not 0 < ll_args.s2_group_size_ratio <= 1:
-        raise ValueError(f"s2_group_size_ratio must be in (0, 1], got {ll_args.s2_group_size_ratio}.")
+    check_s2_settings(ll_args.s2_shift, ll_args.s2_group_size_ratio, ll_args.s2_group_size)
     if ll_args.lora_r < 1:
         raise ValueError(f"lora_r must be at least 1, got {ll_args.lora_r}; the paper uses 8.")
     length = training_args.max_length

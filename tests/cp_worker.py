@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from longlora_hub.remote_code import s2_attention as s2_module  # noqa: E402
+from longlora_hub.remote_code import s2_flash  # noqa: E402
 from longlora_hub.remote_code.s2_attention import build_s2_layout, s2_attention  # noqa: E402
 from longlora_hub.remote_code.s2_context_parallel import ContextParallel, shard_layout  # noqa: E402
 from tests.flash_stand_in import FlashStandIn  # noqa: E402
@@ -159,8 +159,8 @@ def main() -> None:
     parallel = ContextParallel()
     # flash-attn's varlen kernel, in pure torch (tests/flash_stand_in.py), in float32
     stand_in = FlashStandIn(strict=False)
-    s2_module._flash_varlen_func = lambda: stand_in
-    s2_module._FLASH_KERNEL_DTYPES = (torch.float32,)
+    s2_flash._flash_varlen_func = lambda: stand_in
+    s2_flash._FLASH_KERNEL_DTYPES = (torch.float32,)
     check_halo_lengths(parallel)
     for case in CASES:
         for backend in BACKENDS:

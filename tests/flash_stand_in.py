@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from longlora_hub.remote_code import s2_attention as s2_module
+from longlora_hub.remote_code import s2_flash
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 PARITY_DTYPES = (torch.float32, torch.float64)  # accepted with strict=False only
@@ -241,7 +242,7 @@ def use_flash_stand_in(monkeypatch: pytest.MonkeyPatch, strict: bool = True) -> 
     # a checkpoint loaded earlier with trust_remote_code registered the `s2_*` names to its own copy of this module:
     # register this package's again, so that the generic functions read what is patched here
     s2_module._register()
-    monkeypatch.setattr(s2_module, "_flash_varlen_func", lambda: stand_in)
+    monkeypatch.setattr(s2_flash, "_flash_varlen_func", lambda: stand_in)
     if not strict:
-        monkeypatch.setattr(s2_module, "_FLASH_KERNEL_DTYPES", KERNEL_DTYPES + PARITY_DTYPES)
+        monkeypatch.setattr(s2_flash, "_FLASH_KERNEL_DTYPES", KERNEL_DTYPES + PARITY_DTYPES)
     return stand_in

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from longlora_hub.remote_code import s2_attention as s2_module
+from longlora_hub.remote_code import s2_flex
 from longlora_hub.remote_code.s2_attention import build_s2_layout, s2_attention
 from longlora_hub.testing import LargestTensor, reference_attention, s2_reference_mask
 
@@ -131,10 +131,10 @@ def test_flex_block_mask_is_the_one_create_block_mask_builds(case, seq_len, grou
 
     spec = dict(FLEX_LAYOUTS[case])
     shift = spec.pop("shift")
-    batch, heads, split, length = 2, 5, 3, s2_module._flex_length(seq_len)
+    batch, heads, split, length = 2, 5, 3, s2_flex._flex_length(seq_len)
     pad, pos = flex_inputs(seq_len, batch, **spec)
     layout = build_s2_layout(seq_len, batch, group, shift, padding_mask=pad, position_ids=pos)
-    ours = s2_module._flex_block_mask(layout, heads, split, length)
+    ours = s2_flex._flex_block_mask(layout, heads, split, length)
     theirs = create_block_mask(ours.mask_mod, batch, heads, length, length, device="cpu")
     assert ours.kv_num_blocks.shape[:2] == (1 if layout.regular else batch, heads)  # regular rows: broadcast
 
@@ -159,12 +159,12 @@ def test_flex_block_mask_never_builds_the_dense_mask():
     2 x N x N, however many rows and heads."""
     layout = flex_layout(1024, 256, "segments", padding=True, batch=8)
     with LargestTensor() as probe:
-        s2_module._flex_block_mask(layout, 32, 16, 1024)
+        s2_flex._flex_block_mask(layout, 32, 16, 1024)
     assert probe.largest <= 2 * 1024 * 1024 < 8 * 32 * 1024 * 1024 // 64
 
 
 def test_flex_lengths_are_a_few_buckets():
-    lengths = [s2_module._flex_length(n) for n in range(1, 70_000)]
+    lengths = [s2_flex._flex_length(n) for n in range(1, 70_000)]
     assert sorted(set(lengths))[:8] == [128, 192, 256, 384, 512, 768, 1024, 1536]
     assert all(n <= length <= max(128, 1.5 * n) for n, length in zip(range(1, 70_000), lengths, strict=True))
     assert len({length for length in lengths if 1024 < length <= 65536}) == 12  # two per doubling
@@ -176,7 +176,7 @@ def test_flex_compiles_once_per_bucket_not_per_length():
     padded run equals the dense reference at every length."""
     from torch._dynamo.utils import counters
 
-    s2_module._compiled_flex = None
+    s2_flex._compiled_flex = None
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
     for seq_len in (260, 301, 384, 333):

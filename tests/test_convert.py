@@ -78,6 +78,11 @@ def test_convert_writes_a_longlora_checkpoint(base, tmp_path):
         "modeling_llama_longlora.py",
         "s2_attention.py",
         "s2_context_parallel.py",
+        "s2_cpu_flash.py",
+        "s2_dense.py",
+        "s2_flash.py",
+        "s2_flex.py",
+        "s2_layout.py",
     }
     copied = ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
     for name in [*copied, "README.md", "LICENSE"]:

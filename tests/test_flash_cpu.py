@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from longlora_hub.remote_code import s2_attention as s2_module
+from longlora_hub.remote_code import s2_flash
 from longlora_hub.remote_code.s2_attention import build_s2_layout, s2_attention
 from longlora_hub.testing import reference_attention, s2_reference_mask, tiny_llama
 
@@ -436,25 +437,25 @@ def test_s2_fa2_evaluates_with_transformers_own_flash_path(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the route S² takes with sdpa on CUDA: `_S2FlashCPU` is CPU-only, so regular rows go through `_regular_half`
+# the route S² takes with sdpa on CUDA: `S2FlashCPU` is CPU-only, so regular rows go through `regular_half`
 
 
 def count_regular_halves(monkeypatch) -> list:
-    """Record each call of `_regular_half` (the CUDA route on regular rows); returns the list it appends to."""
-    calls, regular_half = [], s2_module._regular_half
+    """Record each call of `regular_half` (the CUDA route on regular rows); returns the list it appends to."""
+    calls, regular_half = [], s2_module.regular_half
 
     def counted(*args, **kwargs):
         calls.append(True)
         return regular_half(*args, **kwargs)
 
-    monkeypatch.setattr(s2_module, "_regular_half", counted)
+    monkeypatch.setattr(s2_module, "regular_half", counted)
     return calls
 
 
 @pytest.mark.parametrize("case", list(LAYOUTS))
 def test_forced_cuda_sdpa_route_matches_reference(monkeypatch, case):
-    """sdpa without `_S2FlashCPU`, as on CUDA: regular rows through `_regular_half`, the others binned; float64."""
-    monkeypatch.setattr(s2_module, "_cpu_flash_usable", lambda *args: False)
+    """sdpa without `S2FlashCPU`, as on CUDA: regular rows through `regular_half`, the others binned; float64."""
+    monkeypatch.setattr(s2_module, "cpu_flash_usable", lambda *args: False)
     regular_halves = count_regular_halves(monkeypatch)
     layout = LAYOUTS[case]
     out = check_against_reference(layout, torch.float64, "sdpa", F64, F64)
@@ -464,15 +465,15 @@ def test_forced_cuda_sdpa_route_matches_reference(monkeypatch, case):
 
 @pytest.mark.parametrize("shift", ["segments", "roll"])
 def test_forced_cuda_sdpa_route_model_step_equals_cpu_route(monkeypatch, shift):
-    """The model on the CUDA route (`_regular_half` with sdpa) against the same model on the CPU route
-    (`_S2FlashCPU`), float64, rows of 26 tokens (a remainder group)."""
+    """The model on the CUDA route (`regular_half` with sdpa) against the same model on the CPU route
+    (`S2FlashCPU`), float64, rows of 26 tokens (a remainder group)."""
     stock, model = pair(s2_group_size=6, s2_shift=shift)
     reference = longlora_from(stock, "sdpa", s2_group_size=6, s2_shift=shift)
-    cpu_flash_usable = s2_module._cpu_flash_usable
+    cpu_flash_usable = s2_module.cpu_flash_usable
     in_reference = []  # non-empty while the reference runs its forward: it keeps the CPU route
     reference.register_forward_pre_hook(lambda *_: in_reference.append(True))
     reference.register_forward_hook(lambda *_: in_reference.clear())
-    monkeypatch.setattr(s2_module, "_cpu_flash_usable", lambda *args: bool(in_reference) and cpu_flash_usable(*args))
+    monkeypatch.setattr(s2_module, "cpu_flash_usable", lambda *args: bool(in_reference) and cpu_flash_usable(*args))
     regular_halves = count_regular_halves(monkeypatch)
     ids = torch.randint(3, 384, (2, 26), generator=torch.Generator().manual_seed(0))
     assert_same_training_step(model.double(), reference.double(), {"input_ids": ids}, atol=1e-10)
@@ -519,14 +520,14 @@ def test_flash_refuses_float32_without_autocast_with_the_fix_named(monkeypatch):
 
 @pytest.mark.parametrize("shift", ["segments", "roll"])
 def test_flash_on_regular_rows_reads_its_runs_off_the_plan(monkeypatch, shift):
-    """Unpadded, unpacked rows: cu_seqlens come from the plan, on the host (no `_segments`, whose nonzero,
+    """Unpadded, unpacked rows: cu_seqlens come from the plan, on the host (no `real_runs`, whose nonzero,
     unique_consecutive and max each wait for the GPU), and the kernel gets views of q/k/v, no gathered copies."""
     stand_in = use_flash_stand_in(monkeypatch, strict=False)
 
     def no_segments(*args):
-        raise AssertionError("regular rows must not go through _segments")
+        raise AssertionError("regular rows must not go through real_runs")
 
-    monkeypatch.setattr(s2_module, "_segments", no_segments)
+    monkeypatch.setattr(s2_flash, "real_runs", no_segments)
     case = Layout(shift, seq_len=22, group=8)
     check_against_reference(case, torch.float64, "flash_attention_2", F64, F64)
     plain, shifted = (call.cu_seqlens_q for call in stand_in.calls[:2])

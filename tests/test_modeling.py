@@ -173,8 +173,10 @@ def test_other_architectures_build_the_s2_layout_once_per_forward(monkeypatch):
 
     s2_module._register()  # the package's functions, not a copy a trust_remote_code checkpoint registered earlier
     built = []
-    real_build = s2_module.build_s2_layout
-    monkeypatch.setattr(s2_module, "build_s2_layout", lambda *a, **k: built.append(a) or real_build(*a, **k))
+    from longlora_hub.remote_code import s2_layout
+
+    real_build = s2_layout.build_s2_layout
+    monkeypatch.setattr(s2_layout, "build_s2_layout", lambda *a, **k: built.append(a) or real_build(*a, **k))
     model, reference = qwen2_pair(s2_group_size=6)
     assert model.config.num_hidden_layers >= 2
     model.set_attn_implementation("s2_sdpa")

@@ -210,7 +210,7 @@ def allocator_peak(fn) -> int:
 def test_cpu_sdpa_takes_the_flash_path_and_falls_back():
     q, k, v = qkv(2, 4, 2, 16)
     regular = build_s2_layout(16, 2, 4)
-    assert type(s2_attention(q, k, v, regular, SCALE).grad_fn).__name__ == "_S2FlashCPUBackward"
+    assert type(s2_attention(q, k, v, regular, SCALE).grad_fn).__name__ == "S2FlashCPUBackward"
     padded = build_s2_layout(16, 2, 4, padding_mask=LEFT_RIGHT)
     assert "S2Flash" not in type(s2_attention(q, k, v, padded, SCALE).grad_fn).__name__
     dropout = s2_attention(q, k, v, regular, SCALE, dropout=0.1)
@@ -272,7 +272,7 @@ def test_flash_path_in_bfloat16_matches_the_reference(heads):
     ref = reference_attention(q, k, v, mask, SCALE)
     low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
     out = s2_attention(*low, build_s2_layout(40, 1, 8), SCALE)
-    assert type(out.grad_fn).__name__ == "_S2FlashCPUBackward"
+    assert type(out.grad_fn).__name__ == "S2FlashCPUBackward"
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=0)
     out.float().square().sum().backward()
     assert all(t.grad is not None and t.grad.isfinite().all() for t in low)
@@ -319,7 +319,7 @@ def test_s2_attention_runs_on_the_device_of_its_inputs(monkeypatch):
 def test_sdpa_with_a_mask_repeats_key_value_heads_off_cpu():
     """On CUDA, SDPA with both a mask and `enable_gqa` has no fused kernel: there the key/value heads are repeated
     (as transformers' `use_gqa_in_sdpa` decides); without a mask, or on CPU, `enable_gqa` is kept."""
-    from longlora_hub.remote_code.s2_attention import _sdpa_key_value
+    from longlora_hub.remote_code.s2_dense import _sdpa_key_value
 
     for device in ("cpu", "meta"):
         q, k, v = (torch.empty(2, heads, 8, 4, device=device) for heads in (4, 2, 2))
@@ -331,3 +331,34 @@ def test_sdpa_with_a_mask_repeats_key_value_heads_off_cpu():
         else:
             assert key.shape == value.shape == q.shape and not gqa
         assert _sdpa_key_value(q, q, q, mask) == (q, q, False)
+
+
+def test_the_one_group_rule_by_hand():
+    """`s2_groups`, the rule every kernel path reads (through `token_groups` or `group_plan`), on rows written out by
+    hand: N = 10 or 8, G = 4."""
+    from longlora_hub.remote_code.s2_layout import group_plan, s2_groups, token_groups
+
+    index = torch.arange(10)
+    cases = {
+        ("segments", False): [0, 0, 0, 0, 1, 1, 1, 1, 2, 2],
+        ("segments", True): [0, 0, 1, 1, 1, 1, 2, 2, 2, 2],
+        ("none", True): [0, 0, 0, 0, 1, 1, 1, 1, 2, 2],
+        ("roll", True): [2, 2, 0, 0, 0, 0, 1, 1, 1, 1],  # the row rolled by -2: tokens 0 and 1 go last
+    }
+    for (shift, shifted), want in cases.items():
+        group, order = s2_groups(index, index, 10, 4, shift, shifted)
+        assert group.tolist() == want, (shift, shifted)
+        # the batch form agrees, with one id per (document, group)
+        layout = build_s2_layout(10, 1, 4, shift)
+        assert token_groups(layout, shifted)[0][0].tolist() == want
+    assert s2_groups(index, index, 10, 4, "roll", True)[1].tolist() == [8, 9, 0, 1, 2, 3, 4, 5, 6, 7]
+    assert s2_groups(3, 3, 10, 4, "segments", True) == (1, 3)  # plain ints too
+    assert group_plan(10, 4, "segments", True) == [[(0, 2)], [(2, 6)], [(6, 10)]]
+    assert group_plan(10, 4, "roll", True) == [[(2, 6)], [(6, 10)], [(0, 2)]]
+    assert group_plan(8, 4, "roll", True) == [[(2, 6)], [(6, 8), (0, 2)]]  # the wrapped group, in causal order
+    assert group_plan(8, 4, "none", True) == group_plan(8, 4, "roll", False) == [[(0, 4)], [(4, 8)]]
+    # a packed row: groups restart with each document, and a document's groups never meet another's
+    packed = build_s2_layout(8, 1, 4, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
+    ids = token_groups(packed, True)[0][0].tolist()
+    assert ids[:3] == [ids[0]] * 2 + [ids[2]] and len(set(ids[:3]) & set(ids[3:])) == 0
+    assert [ids[3:].count(i) for i in dict.fromkeys(ids[3:])] == [2, 3]  # [0, 2), [2, 5) of the second document

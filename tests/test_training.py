@@ -159,7 +159,7 @@ def test_resume_reaches_the_same_weights(tmp_path, monkeypatch):
     [
         (("--trainable", "qlora"), "qlora needs a CUDA GPU"),
         (("--s2_group_size", "2000"), "does not fit max_length"),
-        (("--s2_group_size", "7"), "does not fit max_length"),
+        (("--s2_group_size", "7"), "s2_group_size must be an even number of tokens >= 2"),
         (("--stage", "pretrain"), "stage must be one of"),
         (("--max_length", "2048", "--context_length", "1024"), "above context_length"),
         (("--model_name_or_path", "/nonexistent/model"), "Cannot read the model"),

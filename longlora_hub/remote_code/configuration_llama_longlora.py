@@ -8,7 +8,7 @@ code: it imports only the standard library, torch and transformers.
 from transformers import LlamaConfig
 from transformers.configuration_utils import strict  # huggingface_hub's, as every transformers config uses it
 
-S2_SHIFTS = ("segments", "roll", "none")  # as in s2_attention.py
+S2_SHIFTS = ("segments", "roll", "none")
 AUTO_MAP = {
     "AutoConfig": "configuration_llama_longlora.LlamaLongLoRAConfig",
     "AutoModel": "modeling_llama_longlora.LlamaLongLoRAModel",
@@ -27,6 +27,34 @@ def legacy_rope_fields(rope_parameters: dict) -> dict:
         scaling = {key: value for key, value in rope_parameters.items() if key != "rope_theta"}
         fields["rope_scaling"] = {"type": rope_type, **scaling}
     return fields
+
+
+def check_s2_settings(shift: str = "segments", group_size_ratio: float = 0.25, group_size: int | None = None) -> None:
+    r"""
+    The one place the S² settings are checked: by this config, by the S² layout of any model's config (the generic
+    `s2_*` attention functions), by `longlora-hub convert` and by the training recipe.
+
+    Raises:
+        `ValueError`: Naming the setting, what it must be, and the paper's value.
+    """
+    if shift not in S2_SHIFTS:
+        raise ValueError(f"s2_shift must be one of {S2_SHIFTS}, got {shift!r}.")
+    if isinstance(group_size_ratio, bool) or not isinstance(group_size_ratio, (int, float)):
+        raise ValueError(
+            f"s2_group_size_ratio must be a number in (0, 1], got {group_size_ratio!r}; the paper uses 0.25."
+        )
+    if not 0.0 < group_size_ratio <= 1.0:
+        raise ValueError(
+            f"s2_group_size_ratio must be in (0, 1], got {group_size_ratio}; the paper uses 0.25 (groups of a quarter "
+            "of the sequence)."
+        )
+    if group_size is not None and (
+        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2
+    ):
+        raise ValueError(
+            f"s2_group_size must be an even number of tokens >= 2 (the shifted heads move by half a group), got "
+            f"{group_size!r}; or leave it unset to use s2_group_size_ratio."
+        )
 
 
 @strict
@@ -61,17 +89,7 @@ class LlamaLongLoRAConfig(LlamaConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
-        if self.s2_shift not in S2_SHIFTS:
-            raise ValueError(f"s2_shift must be one of {S2_SHIFTS}, got {self.s2_shift!r}.")
-        if not 0.0 < float(self.s2_group_size_ratio) <= 1.0:
-            raise ValueError(
-                f"s2_group_size_ratio must be in (0, 1], got {self.s2_group_size_ratio}; the paper uses 0.25."
-            )
-        if self.s2_group_size is not None and (self.s2_group_size < 2 or self.s2_group_size % 2):
-            raise ValueError(
-                f"s2_group_size must be an even number of tokens >= 2 (it is shifted by half), "
-                f"got {self.s2_group_size}; or leave it unset to use s2_group_size_ratio."
-            )
+        check_s2_settings(self.s2_shift, self.s2_group_size_ratio, self.s2_group_size)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -95,4 +113,4 @@ class LlamaLongLoRAConfig(LlamaConfig):
         return output
 
 
-__all__ = ["LlamaLongLoRAConfig", "legacy_rope_fields"]
+__all__ = ["S2_SHIFTS", "LlamaLongLoRAConfig", "check_s2_settings", "legacy_rope_fields"]

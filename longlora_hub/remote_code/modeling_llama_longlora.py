@@ -15,8 +15,10 @@ from transformers import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, apply_rotary_pos_emb
 
 from .configuration_llama_longlora import LlamaLongLoRAConfig
-from .s2_attention import S2_BACKENDS, build_s2_layout, flash_inputs, s2_attention, s2_group_size
+from .s2_attention import S2_BACKENDS, s2_attention
 from .s2_context_parallel import ContextParallel, shard_layout
+from .s2_flash import flash_inputs
+from .s2_layout import build_s2_layout, s2_group_size
 
 
 class LlamaLongLoRAAttention(LlamaAttention):

@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from .s2_attention import S2Layout, s2_attention
+from .s2_attention import s2_attention
+from .s2_layout import S2Layout, token_groups
 
 
 @dataclass(frozen=True)
@@ -165,16 +166,8 @@ def _exchange(sent: torch.Tensor, to: int, received: torch.Tensor, source: int, 
 
 
 def _group_ids(layout: S2Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N) for each half: one integer per (document, group), unique in its row."""
-    n, group = layout.seq_len, layout.group_size
-    index = torch.arange(n, device=layout.valid.device).expand_as(layout.local)  # (B, N)
-    if layout.groups is not None:
-        halves = layout.groups
-    elif layout.shift == "roll":  # regular rows: the shifted half's groups are those of the row rolled by -G/2
-        halves = (index // group, ((index - group // 2) % n) // group)
-    else:
-        halves = (layout.local // group, layout.group_of(0 if layout.shift == "none" else group // 2))
-    return tuple(layout.doc * (n + 1) + ids for ids in halves)
+    """(B, N) for each half: one integer per (document, group), unique in its row (`s2_layout.token_groups`)."""
+    return tuple(token_groups(layout, shifted)[0] for shifted in (False, True))
 
 
 def shard_layout(layout: S2Layout, parallel: ContextParallel) -> S2Layout:
