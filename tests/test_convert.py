@@ -557,8 +557,15 @@ def test_unknown_hub_id_and_revision(hub, base, tmp_path):
 
 
 def test_unreachable_hub_id(hub, tmp_path, monkeypatch):
-    from huggingface_hub import constants
+    from types import SimpleNamespace
 
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    # huggingface_hub retries a refused connection 5 times, waiting 1 + 2 + 4 + 8 + 8 s: the retries still happen,
+    # without the 23 s of waiting
+    retries = []
+    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=retries.append))
     with socket.socket() as closed:  # a port nothing listens on: the connection is refused at once
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
@@ -566,6 +573,7 @@ def test_unreachable_hub_id(hub, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"(?s)not a local folder and could not be downloaded.*Connect"):
         convert_checkpoint("someone/tiny-llama", tmp_path / "out", 512)
     assert not (tmp_path / "out").exists()
+    assert retries  # the client's own retry loop ran
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -90,9 +90,9 @@ def passkey_lengths(target: int) -> tuple[int, ...]:
     return (256, 512, 768, 1024) if target == TARGET else (256, 512, 1024, 2048)
 
 
-SIZES = {  # training steps, evaluation tokens, passkey trials
-    "full": {"steps": None, "eval_tokens": 24_000, "trials": 20},
-    "smoke": {"steps": 2, "eval_tokens": 3_000, "trials": 2},
+SIZES = {  # training steps, documents generated for training (None: the recipe's), evaluation tokens, passkey trials
+    "full": {"steps": None, "rows": None, "eval_tokens": 24_000, "trials": 20},
+    "smoke": {"steps": 2, "rows": 16, "eval_tokens": 3_000, "trials": 2},
 }
 
 
@@ -166,6 +166,8 @@ def worker(run: str, seed: int, output: Path, size: dict) -> dict:
             argv += [f"--{key}", value]
         if size["steps"] is not None:
             argv += ["--max_steps", str(size["steps"]), "--logging_steps", "1"]
+        if size["rows"] is not None:  # 2 steps of 4 rows need 8 documents, not the recipe's 1200
+            argv += ["--builtin_rows", str(size["rows"])]
         trainer = sft.main(argv)
         model, tokenizer = trainer.model, trainer.processing_class
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -430,16 +432,23 @@ def main(argv: list[str] | None = None) -> None:
         for seed in (args.seeds if run in MAIN_RUNS else args.other_seeds)
         if not (RUNS[run] is None and seed != args.seeds[0])  # PI only has no randomness but its passkey keys
     ]
-    results = []
+    results, workers = [], 0
     for run, seed in plan:
         path = args.output / f"{run}-s{seed}" / "result.json"
         if not path.exists() and not args.report_only:
             print(f"[study] {run} seed {seed} ...", flush=True)
-            command = [sys.executable, str(Path(__file__).resolve()), "--output", str(args.output)]
-            command += ["--worker", run, str(seed)] + (["--smoke"] if args.smoke else [])
-            done = subprocess.run(command, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            if done.returncode:
-                raise SystemExit(f"The run {run} (seed {seed}) failed with exit code {done.returncode}; see above.")
+            if args.smoke and workers:
+                # the smoke size checks the plumbing: after one worker process, the runs go in this one, sparing each
+                # the ~5 s of imports (its peak memory is then not the run's own: smoke figures are not results)
+                os.environ["TOKENIZERS_PARALLELISM"] = "false"
+                worker(run, seed, args.output, size)
+            else:
+                workers += 1
+                command = [sys.executable, str(Path(__file__).resolve()), "--output", str(args.output)]
+                command += ["--worker", run, str(seed)] + (["--smoke"] if args.smoke else [])
+                done = subprocess.run(command, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                if done.returncode:
+                    raise SystemExit(f"The run {run} (seed {seed}) failed with exit code {done.returncode}; see above.")
         if path.exists():
             result = json.loads(path.read_text())
             results.append(result)
