@@ -557,15 +557,17 @@ def test_unknown_hub_id_and_revision(hub, base, tmp_path):
 
 
 def test_unreachable_hub_id(hub, tmp_path, monkeypatch):
+    import time
     from types import SimpleNamespace
 
     from huggingface_hub import constants
     from huggingface_hub.utils import _http
 
     # huggingface_hub retries a refused connection 5 times, waiting 1 + 2 + 4 + 8 + 8 s: the retries still happen,
-    # without the 23 s of waiting
+    # without the 23 s of waiting (its module sees a `time` whose sleep only counts, and whose clocks are the real ones)
     retries = []
-    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=retries.append))
+    clocks = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+    monkeypatch.setattr(_http, "time", SimpleNamespace(**{**clocks, "sleep": retries.append}))
     with socket.socket() as closed:  # a port nothing listens on: the connection is refused at once
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
